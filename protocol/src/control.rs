@@ -1,0 +1,384 @@
+//! Messages between `obnam` (the client) and `obnam-node` over the local Unix socket.
+//!
+//! ```text
+//! frame = length (u32 little-endian) ‖ postcard(message)
+//! ```
+//! The client sends one [`Request`] per connection. The node answers with any number of
+//! [`Event`]s (progress, notices, warnings, listing entries) and ends with exactly one
+//! [`Event::Done`] or [`Event::Failed`].
+
+use crate::codec::{DecodeError, decode_bounded, encode};
+use crate::ids::{OwnerId, SnapshotId};
+use crate::tree::EntryKind;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// The largest control frame either side accepts.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// What the client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The node's peer id, addresses and ticket.
+    Id,
+    /// Create the owner's keys.
+    Init(InitRequest),
+    /// Check that a passphrase opens the owner's key slot.
+    CheckPassphrase {
+        /// The passphrase to check.
+        passphrase: String,
+    },
+    /// Back up paths.
+    Backup(BackupRequest),
+    /// List snapshots.
+    Snapshots,
+    /// List a snapshot's tree.
+    Ls(LsRequest),
+    /// Restore a snapshot.
+    Restore(RestoreRequest),
+    /// The node's state.
+    Status,
+}
+
+/// `obnam init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitRequest {
+    /// The owner name (part of the Argon2id salt).
+    pub name: String,
+    /// The passphrase.
+    pub passphrase: String,
+    /// Accept a passphrase that the strength check rejects.
+    pub weak_ok: bool,
+}
+
+/// `obnam backup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BackupRequest {
+    /// Absolute paths to back up.
+    pub paths: Vec<ByteBuf>,
+    /// Glob patterns to exclude.
+    pub excludes: Vec<String>,
+    /// Files of glob patterns to exclude, one a line.
+    pub exclude_files: Vec<ByteBuf>,
+    /// Skip directories that hold a valid CACHEDIR.TAG.
+    pub exclude_caches: bool,
+    /// Stay on the file system of each path.
+    pub one_file_system: bool,
+    /// Tags for the snapshot.
+    pub tags: Vec<String>,
+    /// Seconds to wait for replication without progress (0: the configured default).
+    pub timeout_secs: u64,
+}
+
+/// `obnam ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LsRequest {
+    /// Snapshot id, prefix of at least 8 characters, or `latest`.
+    pub snapshot: String,
+    /// Original absolute path to list below (everything when absent).
+    pub path: Option<ByteBuf>,
+}
+
+/// `obnam restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// Snapshot id, prefix, or `latest`.
+    pub snapshot: String,
+    /// Absolute target directory.
+    pub target: ByteBuf,
+    /// Original absolute paths to restore (everything when empty).
+    pub paths: Vec<ByteBuf>,
+    /// Restore into a non-empty target.
+    pub force: bool,
+}
+
+/// What the node sends back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// Progress of long work.
+    Progress(Progress),
+    /// Something the user should know now ("waiting for another backup").
+    Notice(String),
+    /// A problem that did not stop the work (a skipped file).
+    Warning(String),
+    /// One listing entry of `ls`.
+    Entry(LsEntry),
+    /// The work is done.
+    Done(Reply),
+    /// The work failed.
+    Failed(ControlError),
+}
+
+/// Progress counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Progress {
+    /// Files done.
+    pub files: u64,
+    /// Plaintext bytes done.
+    pub bytes: u64,
+    /// Files in all, when known.
+    pub total_files: Option<u64>,
+    /// Bytes in all, when known.
+    pub total_bytes: Option<u64>,
+    /// The path being worked on.
+    pub current: String,
+}
+
+/// A failure, as the client shows it: a stable kind and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlError {
+    /// A stable, machine-readable kind (`not_initialized`, `wrong_passphrase`, …).
+    pub kind: String,
+    /// What went wrong, with context.
+    pub message: String,
+}
+
+/// The result of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// For [`Request::Id`].
+    Id(IdReply),
+    /// For [`Request::Init`].
+    Init(InitReply),
+    /// For [`Request::CheckPassphrase`]: the passphrase is right.
+    PassphraseOk {
+        /// The owner name.
+        name: String,
+    },
+    /// For [`Request::Backup`].
+    Backup(BackupReport),
+    /// For [`Request::Snapshots`], oldest first.
+    Snapshots(Vec<SnapshotInfo>),
+    /// For [`Request::Ls`], after the entries.
+    Ls {
+        /// The snapshot listed.
+        snapshot: SnapshotId,
+        /// Entries sent.
+        entries: u64,
+    },
+    /// For [`Request::Restore`].
+    Restore(RestoreReport),
+    /// For [`Request::Status`].
+    Status(StatusReply),
+}
+
+/// The node's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdReply {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Listen addresses.
+    pub addrs: Vec<String>,
+    /// A ticket for friends.
+    pub ticket: String,
+}
+
+/// The result of `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitReply {
+    /// The owner name.
+    pub name: String,
+    /// The owner's public key.
+    pub owner: OwnerId,
+}
+
+/// A file that was skipped or failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileProblem {
+    /// The path (lossy text).
+    pub path: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// The result of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupReport {
+    /// The new snapshot.
+    pub snapshot: SnapshotId,
+    /// Regular files in the snapshot.
+    pub files: u64,
+    /// Files skipped because they could not be read.
+    pub failed_files: u64,
+    /// Plaintext bytes of the snapshot's files.
+    pub bytes: u64,
+    /// Plaintext bytes of chunks not stored before.
+    pub new_bytes: u64,
+    /// Sealed bytes this backup added to the outbox.
+    pub stored_bytes: u64,
+    /// Friends holding the whole snapshot.
+    pub replicas: u32,
+    /// The skipped files.
+    pub problems: Vec<FileProblem>,
+}
+
+/// A snapshot in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub id: SnapshotId,
+    /// Start time, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// Host name.
+    pub host: String,
+    /// Paths backed up (lossy text).
+    pub paths: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Regular files.
+    pub files: u64,
+    /// Plaintext bytes.
+    pub bytes: u64,
+}
+
+/// One entry of `ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LsEntry {
+    /// Original absolute path, as bytes.
+    pub path: ByteBuf,
+    /// Kind of file.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Symlink target.
+    pub target: ByteBuf,
+}
+
+/// The result of a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// The snapshot restored.
+    pub snapshot: SnapshotId,
+    /// Regular files written.
+    pub files: u64,
+    /// Directories created.
+    pub dirs: u64,
+    /// Other entries (links, FIFOs, devices).
+    pub others: u64,
+    /// Plaintext bytes written.
+    pub bytes: u64,
+    /// Entries that could not be restored.
+    pub problems: Vec<FileProblem>,
+}
+
+/// The node's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The data directory.
+    pub data_dir: String,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// The owner name, once initialised.
+    pub owner_name: Option<String>,
+    /// Snapshots known.
+    pub snapshots: u64,
+    /// Time of the newest snapshot.
+    pub last_backup_ns: Option<i64>,
+    /// Packs waiting in the outbox.
+    pub outbox_packs: u64,
+    /// Bytes waiting in the outbox.
+    pub outbox_bytes: u64,
+    /// The outbox cap.
+    pub outbox_max_bytes: u64,
+    /// Whether a backup is running.
+    pub backup_running: bool,
+    /// Friends configured (the friends issue).
+    pub friends: u64,
+}
+
+/// Encodes a frame: length prefix and postcard body.
+pub fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = encode(msg);
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks a frame's length prefix before the body is read.
+///
+/// # Errors
+/// [`DecodeError::TooLarge`] over [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(DecodeError::TooLarge {
+            what: "control frame",
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+///
+/// # Errors
+/// A bounded [`DecodeError`].
+pub fn decode_body<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    body: &[u8],
+) -> Result<T, DecodeError> {
+    decode_bounded(what, body, MAX_FRAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_frames() {
+        assert_eq!(frame(&Request::Status), vec![1, 0, 0, 0, 7]);
+        assert_eq!(frame(&Request::Id), vec![1, 0, 0, 0, 0]);
+        let f = frame(&Event::Notice("hi".into()));
+        assert_eq!(f, vec![4, 0, 0, 0, 1, 2, b'h', b'i']);
+        let body = &f[4..];
+        assert_eq!(
+            decode_body::<Event>("event", body).unwrap(),
+            Event::Notice("hi".into())
+        );
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        assert!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
+        assert_eq!(frame_len(5u32.to_le_bytes()), Ok(5));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = vec![
+            Request::Backup(BackupRequest {
+                paths: vec![ByteBuf::from(b"/a\xff".to_vec())],
+                excludes: vec!["*.o".into()],
+                tags: vec!["x".into()],
+                ..Default::default()
+            }),
+            Request::Restore(RestoreRequest {
+                snapshot: "latest".into(),
+                target: ByteBuf::from(b"/t".to_vec()),
+                paths: vec![],
+                force: true,
+            }),
+            Request::Init(InitRequest {
+                name: "n".into(),
+                passphrase: "p".into(),
+                weak_ok: false,
+            }),
+        ];
+        for r in reqs {
+            assert_eq!(
+                decode_body::<Request>("request", &frame(&r)[4..]).unwrap(),
+                r
+            );
+        }
+    }
+}

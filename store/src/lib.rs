@@ -1,0 +1,410 @@
+//! # obnam-store: the node's redb database
+//!
+//! Synchronous, with no tasks and no tokio. One redb file per node holds:
+//!
+//! | table | key → value | what |
+//! |---|---|---|
+//! | `index-0` | chunk id → [`ChunkLoc`] (40 bytes) | where each of our chunks is sealed |
+//! | `packs-0` | pack id → [`PackRecord`] | our packs, and whether their file is in the outbox |
+//! | `snapshots-0` | snapshot id → encoded [`SnapshotRecord`] | our snapshots |
+//! | `meta-0` | name → bytes | the signed head, the schema version |
+//!
+//! Pack bodies never go into redb: they are files in the outbox beside it, because redb stores
+//! large values at 1.5–2.5× their size (see `../shared/DEPS.md`).
+//!
+//! Write order is the caller's duty and the store's promise: [`Store::commit_pack`] makes a
+//! pack's chunks visible in one transaction, only after the caller made the pack file durable;
+//! [`Store::commit_snapshot`] records a snapshot and the new head in one transaction, only after
+//! every chunk it references is committed.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+
+pub use error::StoreError;
+
+use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, PackRecord};
+use obnam_protocol::snapshot::SnapshotRecord;
+use obnam_protocol::{ChunkId, PackId, SnapshotId};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+const INDEX: TableDefinition<&[u8; 32], &[u8; CHUNK_LOC_LEN]> = TableDefinition::new("index-0");
+const PACKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("packs-0");
+const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-0");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-0");
+
+const META_SCHEMA: &str = "schema";
+const META_HEAD: &str = "own-head";
+const SCHEMA_VERSION: &[u8] = b"1";
+
+/// Options for opening a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// redb page cache in bytes (redb's default is 1 GiB, too much for a small node).
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counts of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxUsage {
+    /// Packs whose file is in the outbox.
+    pub packs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// The node's database. Cheap to clone; all clones share one redb handle.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens or creates the database at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the file cannot be opened or is not a redb database of ours.
+    pub fn open(path: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(opts.cache_bytes)
+            .create(path)
+            .map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        let store = Self { db: Arc::new(db) };
+        store.init_tables().map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        Ok(store)
+    }
+
+    /// A store in memory, for tests.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] if redb fails.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| StoreError::Db(e.into()))?;
+        let store = Self { db: Arc::new(db) };
+        store.init_tables()?;
+        Ok(store)
+    }
+
+    fn init_tables(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(INDEX)?;
+            tx.open_table(PACKS)?;
+            tx.open_table(SNAPSHOTS)?;
+            let mut meta = tx.open_table(META)?;
+            let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
+            match schema {
+                None => {
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => {
+                    return Err(StoreError::Schema {
+                        found: String::from_utf8_lossy(&v).into_owned(),
+                    });
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Where a chunk is, if we have it.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(INDEX)?;
+        Ok(table
+            .get(id.as_bytes())?
+            .map(|v| ChunkLoc::from_bytes(v.value())))
+    }
+
+    /// Number of chunks in the index.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn chunk_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(INDEX)?.len()?)
+    }
+
+    /// Records a pack and its chunks in one transaction. Call only after the pack file is durable.
+    /// Chunks already indexed elsewhere keep their first location.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn commit_pack(
+        &self,
+        id: &PackId,
+        record: &PackRecord,
+        chunks: &[(ChunkId, ChunkLoc)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut packs = tx.open_table(PACKS)?;
+            packs.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+            let mut index = tx.open_table(INDEX)?;
+            for (chunk, loc) in chunks {
+                if index.get(chunk.as_bytes())?.is_none() {
+                    index.insert(chunk.as_bytes(), &loc.to_bytes())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A pack's record.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn pack(&self, id: &PackId) -> Result<Option<PackRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(PACKS)?;
+        match table.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(Some(PackRecord::from_bytes(v.value()).map_err(|e| {
+                StoreError::Corrupt {
+                    what: format!("pack record {id}"),
+                    source: e,
+                }
+            })?)),
+        }
+    }
+
+    /// Every pack we know, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn packs(&self) -> Result<Vec<(PackId, PackRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(PACKS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let id = PackId(*k.value());
+            let rec = PackRecord::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                what: format!("pack record {id}"),
+                source: e,
+            })?;
+            out.push((id, rec));
+        }
+        Ok(out)
+    }
+
+    /// How many packs, and how many bytes, wait in the outbox.
+    ///
+    /// # Errors
+    /// As [`Store::packs`].
+    pub fn outbox_usage(&self) -> Result<OutboxUsage, StoreError> {
+        let mut usage = OutboxUsage::default();
+        for (_, rec) in self.packs()? {
+            if rec.in_outbox {
+                usage.packs += 1;
+                usage.bytes += rec.len;
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Records a snapshot and the head that lists it, in one transaction. Call only after every
+    /// chunk the snapshot references is committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn commit_snapshot(
+        &self,
+        id: &SnapshotId,
+        record: &SnapshotRecord,
+        signed_head: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut snaps = tx.open_table(SNAPSHOTS)?;
+            snaps.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_HEAD, signed_head)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every snapshot, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, SnapshotRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let id = SnapshotId(*k.value());
+            let rec = SnapshotRecord::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                what: format!("snapshot {id}"),
+                source: e,
+            })?;
+            out.push((id, rec));
+        }
+        out.sort_by(|a, b| (a.1.time_ns, a.0).cmp(&(b.1.time_ns, b.0)));
+        Ok(out)
+    }
+
+    /// The owner's current signed head, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn own_head(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(META)?;
+        Ok(table.get(META_HEAD)?.map(|v| v.value().to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use obnam_protocol::snapshot::ChunkerParams;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn loc(p: u8, off: u32) -> ChunkLoc {
+        ChunkLoc {
+            pack: PackId([p; 32]),
+            offset: off,
+            len: 10,
+        }
+    }
+
+    fn record(time_ns: i64) -> SnapshotRecord {
+        SnapshotRecord {
+            time_ns,
+            host: "h".into(),
+            paths: vec![],
+            tags: vec![],
+            root: vec![],
+            files: 0,
+            dirs: 0,
+            bytes: 0,
+            failed_files: 0,
+            chunker: ChunkerParams::V1,
+        }
+    }
+
+    fn index_and_outbox(store: &Store) -> TestResult {
+        let rec = PackRecord {
+            len: 65536,
+            chunks: 2,
+            created_ns: 1,
+            in_outbox: true,
+        };
+        store.commit_pack(
+            &PackId([1; 32]),
+            &rec,
+            &[
+                (ChunkId([7; 32]), loc(1, 0)),
+                (ChunkId([8; 32]), loc(1, 10)),
+            ],
+        )?;
+        // A chunk seen again in a later pack keeps its first location.
+        store.commit_pack(&PackId([2; 32]), &rec, &[(ChunkId([7; 32]), loc(2, 0))])?;
+        assert_eq!(store.chunk(&ChunkId([7; 32]))?, Some(loc(1, 0)));
+        assert_eq!(store.chunk(&ChunkId([8; 32]))?, Some(loc(1, 10)));
+        assert_eq!(store.chunk(&ChunkId([9; 32]))?, None);
+        assert_eq!(store.chunk_count()?, 2);
+        assert_eq!(
+            store.outbox_usage()?,
+            OutboxUsage {
+                packs: 2,
+                bytes: 131072
+            }
+        );
+        assert_eq!(store.pack(&PackId([2; 32]))?, Some(rec));
+        Ok(())
+    }
+
+    fn snapshots_are_ordered(store: &Store) -> TestResult {
+        store.commit_snapshot(&SnapshotId([1; 32]), &record(20), b"head1")?;
+        store.commit_snapshot(&SnapshotId([2; 32]), &record(10), b"head2")?;
+        let ids: Vec<_> = store.snapshots()?.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![SnapshotId([2; 32]), SnapshotId([1; 32])]);
+        assert_eq!(store.own_head()?, Some(b"head2".to_vec()));
+        Ok(())
+    }
+
+    #[test]
+    fn index_and_outbox_mem() -> TestResult {
+        index_and_outbox(&Store::in_memory()?)
+    }
+
+    #[test]
+    fn index_and_outbox_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        index_and_outbox(&Store::open(
+            &dir.path().join("s.redb"),
+            &StoreOptions::default(),
+        )?)
+    }
+
+    #[test]
+    fn snapshots_are_ordered_mem() -> TestResult {
+        snapshots_are_ordered(&Store::in_memory()?)
+    }
+
+    #[test]
+    fn snapshots_are_ordered_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        snapshots_are_ordered(&Store::open(
+            &dir.path().join("s.redb"),
+            &StoreOptions::default(),
+        )?)
+    }
+
+    #[test]
+    fn data_survives_reopen() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.redb");
+        {
+            let store = Store::open(&path, &StoreOptions::default())?;
+            index_and_outbox(&store)?;
+        }
+        let store = Store::open(&path, &StoreOptions::default())?;
+        assert_eq!(store.chunk(&ChunkId([8; 32]))?, Some(loc(1, 10)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.redb");
+        std::fs::write(&path, vec![0x55u8; 8192])?;
+        let err = Store::open(&path, &StoreOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("s.redb"), "{err}");
+        Ok(())
+    }
+}
