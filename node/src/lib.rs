@@ -1,1 +1,39 @@
-//! placeholder
+//! # obnam-node: the daemon
+//!
+//! The only crate that holds key material and knows tokio and libp2p. `obnam-cli` calls it
+//! through [`daemon::run`] (the `obnam-node` binary) and [`control::Client`] (the `obnam`
+//! binary).
+//!
+//! | module | role |
+//! |---|---|
+//! | [`config`] | settings (`config.toml`) and directories |
+//! | [`keys`] | master secret, key slot, derived keys, secrets file |
+//! | [`seal`] | zstd + XChaCha20-Poly1305 sealing and opening |
+//! | [`chunker`] | FastCDC with the secret gear seed |
+//! | [`pack`] | building and reading packs |
+//! | [`outbox`] | pack files beside the database |
+//! | [`repo`] | store + outbox + the owner's head |
+//! | [`exclude`] | exclusion rules |
+//! | [`backup`] | the backup pipeline (threads, bounded channels) |
+//! | [`restore`] | restore and `ls` |
+//! | [`net`] | the libp2p swarm |
+//! | [`control`] | the local control socket, server and client |
+//! | [`daemon`] | start-up and shutdown |
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod backup;
+pub mod chunker;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod exclude;
+pub mod keys;
+pub mod net;
+pub mod outbox;
+pub mod pack;
+pub mod repo;
+pub mod restore;
+pub mod seal;
+
+pub use error::NodeError;

@@ -137,3 +137,69 @@ mod tests {
         assert_eq!(set.len(), all.len());
     }
 }
+
+/// The secrets file of a node: what lets scheduled backups run without the passphrase.
+/// Stored with mode 0400; nodes refuse it when group or others may read it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsFile {
+    /// The owner name.
+    pub name: String,
+    /// The master secret.
+    #[serde(with = "serde_bytes")]
+    pub master: Vec<u8>,
+    /// The encoded key slot.
+    #[serde(with = "serde_bytes")]
+    pub slot: Vec<u8>,
+}
+
+impl std::fmt::Debug for SecretsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretsFile")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecretsFile {
+    /// Encodes the file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+    /// Decodes the file.
+    ///
+    /// # Errors
+    /// A bounded [`DecodeError`], or `Malformed` for a master secret of the wrong length.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let f: SecretsFile = decode_versioned("secrets file", bytes, 4096)?;
+        if f.master.len() != MASTER_LEN {
+            return Err(DecodeError::Malformed {
+                what: "secrets file",
+                reason: "master secret is not 32 bytes".into(),
+            });
+        }
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod secrets_tests {
+    use super::*;
+
+    #[test]
+    fn golden_secrets_file() {
+        let f = SecretsFile {
+            name: "a".into(),
+            master: vec![3; 32],
+            slot: vec![4],
+        };
+        let b = f.to_bytes();
+        assert_eq!(&b[..4], &[1, 1, b'a', 32]);
+        assert_eq!(&b[36..], &[1, 4]);
+        assert_eq!(SecretsFile::from_bytes(&b).unwrap(), f);
+        let short = SecretsFile {
+            master: vec![1; 5],
+            ..f
+        };
+        assert!(SecretsFile::from_bytes(&short.to_bytes()).is_err());
+    }
+}

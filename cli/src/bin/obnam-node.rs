@@ -1,1 +1,68 @@
-fn main() {}
+//! `obnam-node`: the daemon. `obnam-node start` runs it in the foreground.
+
+use clap::Parser;
+use obnam_cli::args::{NodeCli, NodeCommand};
+use obnam_node::daemon::{self, StartOptions};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = NodeCli::parse();
+    let level = if cli.global.quiet {
+        "warn"
+    } else {
+        match cli.global.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OBNAM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("obnam={level},obnam_node={level},warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let json = cli.global.json;
+    let NodeCommand::Start { listen } = cli.command;
+    let opts = StartOptions {
+        data_dir: cli.global.data_dir.clone(),
+        listen,
+        on_ready: Some(Box::new(move |r: &daemon::Ready| {
+            if json {
+                let v = serde_json::json!({"peer_id": r.peer_id, "addrs": r.addrs, "socket": r.socket, "data_dir": r.data_dir});
+                println!("{v}");
+            } else {
+                println!(
+                    "obnam-node ready: peer id {}, control socket {}",
+                    r.peer_id,
+                    r.socket.display()
+                );
+            }
+        })),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("obnam-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"kind": e.kind(), "message": e.full_message()}})
+                );
+            } else {
+                eprintln!("obnam-node: error: {}", e.full_message());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! One function per command: build the request, send it, print the reply.
+
+use crate::args::{
+    BackupArgs, Cli, Command, Global, InitArgs, LsArgs, PassphraseArgs, PassphraseCommand,
+    RestoreArgs,
+};
+use crate::exit;
+use crate::output::{self, Reporter, bytes, print_json, time};
+use anyhow::{Context, anyhow};
+use obnam_node::config::Paths;
+use obnam_node::control::Client;
+use obnam_protocol::control::{
+    BackupRequest, ControlError, Event, InitRequest, LsEntry, LsRequest, Reply, Request,
+    RestoreRequest,
+};
+use obnam_protocol::tree::EntryKind;
+use serde_bytes::ByteBuf;
+use serde_json::json;
+use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A failure with the kind the JSON error shows.
+#[derive(Debug)]
+pub struct Failure {
+    /// Machine-readable kind.
+    pub kind: String,
+    /// Message.
+    pub message: String,
+}
+
+impl From<ControlError> for Failure {
+    fn from(e: ControlError) -> Self {
+        Self {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self {
+            kind: "usage".into(),
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+fn abs(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+fn bytes_of(p: &Path) -> ByteBuf {
+    ByteBuf::from(p.as_os_str().as_bytes().to_vec())
+}
+
+async fn call(g: &Global, req: Request, what: &str) -> Result<Reply, Failure> {
+    let paths = Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure {
+        kind: e.kind().into(),
+        message: e.to_string(),
+    })?;
+    let client = Client::connect(&paths, g.data_dir.is_some())
+        .await
+        .map_err(|e| Failure {
+            kind: e.kind().into(),
+            message: e.to_string(),
+        })?;
+    let mut reporter = Reporter::new(g.quiet, what);
+    let result = client.request(&req, |ev| reporter.event(ev)).await;
+    reporter.finish();
+    Ok(result?)
+}
+
+fn unexpected(r: Reply) -> Failure {
+    Failure {
+        kind: "control".into(),
+        message: format!("unexpected reply from the node: {r:?}"),
+    }
+}
+
+/// Reads a passphrase: from a file, from OBNAM_PASSPHRASE, or from the terminal (twice when
+/// `confirm`).
+fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading passphrase file {}", f.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_owned());
+    }
+    if let Ok(p) = std::env::var("OBNAM_PASSPHRASE") {
+        return Ok(p);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(anyhow!(
+            "no passphrase: not on a terminal, so set OBNAM_PASSPHRASE or pass --passphrase-file"
+        ));
+    }
+    let p = rpassword::prompt_password("Passphrase: ")?;
+    if confirm {
+        let again = rpassword::prompt_password("Passphrase again: ")?;
+        if again != p {
+            return Err(anyhow!("the passphrases differ"));
+        }
+    }
+    Ok(p)
+}
+
+/// Runs `obnam` and returns its exit code.
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    let g = cli.global.clone();
+    match cli.command {
+        Command::Init(a) => init(&g, a).await,
+        Command::Id => id(&g).await,
+        Command::Backup(a) => backup(&g, a).await,
+        Command::Snapshots => snapshots(&g).await,
+        Command::Ls(a) => ls(&g, a).await,
+        Command::Restore(a) => restore(&g, a).await,
+        Command::Status => status(&g).await,
+        Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a).await,
+    }
+}
+
+async fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
+    let name = match a.name {
+        Some(n) => n,
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .map_err(|_| anyhow!("cannot tell your login name: pass --name"))?,
+    };
+    let passphrase = passphrase(a.passphrase_file.as_deref(), true)?;
+    let req = Request::Init(InitRequest {
+        name,
+        passphrase,
+        weak_ok: a.weak_passphrase_ok,
+    });
+    let Reply::Init(r) = call(g, req, "deriving keys").await? else {
+        return Err(Failure {
+            kind: "control".into(),
+            message: "unexpected reply".into(),
+        });
+    };
+    if g.json {
+        print_json(&json!({"name": r.name, "owner": r.owner.to_hex()}));
+    } else {
+        println!("Owner keys created.\n");
+        println!("  RECOVERY SHEET - keep this safe, apart from this machine");
+        println!("  owner name: {}", r.name);
+        println!("  owner key:  {}", r.owner);
+        println!();
+        println!("  Your owner name and your passphrase are the only way back to your backups");
+        println!("  if this machine is lost. Nobody can reset the passphrase for you.");
+    }
+    Ok(exit::OK)
+}
+
+async fn check(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
+    let passphrase = passphrase(a.passphrase_file.as_deref(), false)?;
+    match call(g, Request::CheckPassphrase { passphrase }, "checking").await? {
+        Reply::PassphraseOk { name } => {
+            if g.json {
+                print_json(&json!({"ok": true, "name": name}));
+            } else {
+                println!("The passphrase is right for owner {name:?}.");
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+async fn id(g: &Global) -> Result<u8, Failure> {
+    match call(g, Request::Id, "").await? {
+        Reply::Id(r) => {
+            if g.json {
+                print_json(&json!({"peer_id": r.peer_id, "addrs": r.addrs, "ticket": r.ticket}));
+            } else {
+                println!("peer id: {}", r.peer_id);
+                for a in &r.addrs {
+                    println!("address: {a}");
+                }
+                println!("ticket:  {}", r.ticket);
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+async fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
+    let mut paths = a.paths.clone();
+    if paths.is_empty() {
+        let home = std::env::var_os("HOME")
+            .ok_or_else(|| anyhow!("no path given and $HOME is not set"))?;
+        paths.push(PathBuf::from(home));
+    }
+    let paths = paths
+        .iter()
+        .map(|p| abs(p).map(|p| bytes_of(&p)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let exclude_files = a
+        .exclude_file
+        .iter()
+        .map(|p| abs(p).map(|p| bytes_of(&p)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let req = Request::Backup(BackupRequest {
+        paths,
+        excludes: a.exclude,
+        exclude_files,
+        exclude_caches: a.exclude_caches,
+        one_file_system: a.one_file_system,
+        tags: a.tag,
+        timeout_secs: a.timeout.map(|d| d.as_secs().max(1)).unwrap_or(0),
+    });
+    let Reply::Backup(r) = call(g, req, "backing up").await? else {
+        return Err(Failure {
+            kind: "control".into(),
+            message: "unexpected reply".into(),
+        });
+    };
+    if g.json {
+        print_json(&json!({
+            "snapshot": r.snapshot.to_hex(),
+            "files": r.files,
+            "failed_files": r.failed_files,
+            "bytes": r.bytes,
+            "new_bytes": r.new_bytes,
+            "stored_bytes": r.stored_bytes,
+            "replicas": r.replicas,
+            "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
+        }));
+    } else if !g.quiet {
+        println!(
+            "snapshot {} saved: {} files, {} ({} new, {} stored)",
+            r.snapshot.short(),
+            r.files,
+            bytes(r.bytes),
+            bytes(r.new_bytes),
+            bytes(r.stored_bytes)
+        );
+        if r.failed_files > 0 {
+            println!(
+                "{} files could not be read and were skipped (listed above)",
+                r.failed_files
+            );
+        }
+    }
+    Ok(if r.failed_files > 0 {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    })
+}
+
+async fn snapshots(g: &Global) -> Result<u8, Failure> {
+    let Reply::Snapshots(list) = call(g, Request::Snapshots, "").await? else {
+        return Err(Failure {
+            kind: "control".into(),
+            message: "unexpected reply".into(),
+        });
+    };
+    if g.json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|s| {
+                json!({"id": s.id.to_hex(), "time": time(s.time_ns), "host": s.host, "paths": s.paths,
+                       "tags": s.tags, "files": s.files, "bytes": s.bytes})
+            })
+            .collect();
+        print_json(&json!(v));
+    } else if list.is_empty() {
+        println!("no snapshots yet");
+    } else {
+        println!(
+            "{:<10} {:<21} {:<16} {:>8} {:>10}  {:<12} paths",
+            "id", "time", "host", "files", "size", "tags"
+        );
+        for s in &list {
+            println!(
+                "{:<10} {:<21} {:<16} {:>8} {:>10}  {:<12} {}",
+                s.id.short(),
+                time(s.time_ns),
+                s.host,
+                s.files,
+                bytes(s.bytes),
+                s.tags.join(","),
+                s.paths.join(" ")
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn kind_name(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::File => "file",
+        EntryKind::Dir => "dir",
+        EntryKind::Symlink => "symlink",
+        EntryKind::Fifo => "fifo",
+        EntryKind::CharDevice => "chardev",
+        EntryKind::BlockDevice => "blockdev",
+        EntryKind::Socket => "socket",
+    }
+}
+
+fn mode_string(k: EntryKind, mode: u32) -> String {
+    let t = match k {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::Fifo => 'p',
+        EntryKind::CharDevice => 'c',
+        EntryKind::BlockDevice => 'b',
+        EntryKind::Socket => 's',
+        EntryKind::File => '-',
+    };
+    let mut s = String::from(t);
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+async fn ls(g: &Global, a: LsArgs) -> Result<u8, Failure> {
+    let path = a
+        .path
+        .as_ref()
+        .map(|p| abs(p).map(|p| bytes_of(&p)))
+        .transpose()?;
+    let paths = Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure {
+        kind: e.kind().into(),
+        message: e.to_string(),
+    })?;
+    let client = Client::connect(&paths, g.data_dir.is_some())
+        .await
+        .map_err(|e| Failure {
+            kind: e.kind().into(),
+            message: e.to_string(),
+        })?;
+    let mut entries: Vec<LsEntry> = Vec::new();
+    let json_mode = g.json;
+    let reply = client
+        .request(
+            &Request::Ls(LsRequest {
+                snapshot: a.snapshot,
+                path,
+            }),
+            |ev| {
+                if let Event::Entry(e) = ev {
+                    if json_mode {
+                        entries.push(e);
+                    } else {
+                        let p = String::from_utf8_lossy(&e.path);
+                        let target = if e.kind == EntryKind::Symlink {
+                            format!(" -> {}", String::from_utf8_lossy(&e.target))
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "{} {:>5} {:>5} {:>12} {} {p}{target}",
+                            mode_string(e.kind, e.mode),
+                            e.uid,
+                            e.gid,
+                            e.size,
+                            time(e.mtime_ns)
+                        );
+                    }
+                }
+            },
+        )
+        .await?;
+    if json_mode {
+        let v: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                json!({"path": String::from_utf8_lossy(&e.path), "type": kind_name(e.kind), "mode": e.mode,
+                       "uid": e.uid, "gid": e.gid, "size": e.size, "mtime": time(e.mtime_ns),
+                       "target": if e.kind == EntryKind::Symlink { Some(String::from_utf8_lossy(&e.target)) } else { None }})
+            })
+            .collect();
+        print_json(&json!(v));
+    }
+    match reply {
+        Reply::Ls { .. } => Ok(exit::OK),
+        r => Err(unexpected(r)),
+    }
+}
+
+async fn restore(g: &Global, a: RestoreArgs) -> Result<u8, Failure> {
+    let target = bytes_of(&abs(&a.target)?);
+    let paths = a
+        .path
+        .iter()
+        .map(|p| abs(p).map(|p| bytes_of(&p)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let req = Request::Restore(RestoreRequest {
+        snapshot: a.snapshot,
+        target,
+        paths,
+        force: a.force,
+    });
+    let Reply::Restore(r) = call(g, req, "restoring").await? else {
+        return Err(Failure {
+            kind: "control".into(),
+            message: "unexpected reply".into(),
+        });
+    };
+    if g.json {
+        print_json(&json!({
+            "snapshot": r.snapshot.to_hex(), "files": r.files, "dirs": r.dirs, "others": r.others, "bytes": r.bytes,
+            "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
+        }));
+    } else if !g.quiet {
+        println!(
+            "restored snapshot {}: {} files, {} directories, {} other entries, {} to {}",
+            r.snapshot.short(),
+            r.files,
+            r.dirs,
+            r.others,
+            bytes(r.bytes),
+            a.target.display()
+        );
+        if !r.problems.is_empty() {
+            println!(
+                "{} entries could not be restored (listed above)",
+                r.problems.len()
+            );
+        }
+    }
+    if r.problems.is_empty() {
+        Ok(exit::OK)
+    } else {
+        Err(Failure {
+            kind: "restore_incomplete".into(),
+            message: format!("{} entries could not be restored", r.problems.len()),
+        })
+    }
+}
+
+async fn status(g: &Global) -> Result<u8, Failure> {
+    let Reply::Status(s) = call(g, Request::Status, "").await? else {
+        return Err(Failure {
+            kind: "control".into(),
+            message: "unexpected reply".into(),
+        });
+    };
+    if g.json {
+        print_json(&json!({
+            "data_dir": s.data_dir, "peer_id": s.peer_id, "owner_name": s.owner_name,
+            "snapshots": s.snapshots, "last_backup": s.last_backup_ns.map(time),
+            "outbox_packs": s.outbox_packs, "outbox_bytes": s.outbox_bytes, "outbox_max_bytes": s.outbox_max_bytes,
+            "backup_running": s.backup_running, "friends": s.friends,
+        }));
+    } else {
+        println!("data directory: {}", s.data_dir);
+        println!("peer id:        {}", s.peer_id);
+        println!(
+            "owner:          {}",
+            s.owner_name
+                .as_deref()
+                .unwrap_or("(none: run `obnam init`)")
+        );
+        println!("snapshots:      {}", s.snapshots);
+        println!(
+            "last backup:    {}",
+            s.last_backup_ns.map(time).unwrap_or_else(|| "never".into())
+        );
+        println!(
+            "outbox:         {} packs, {} of {}",
+            s.outbox_packs,
+            bytes(s.outbox_bytes),
+            bytes(s.outbox_max_bytes)
+        );
+        println!(
+            "backup running: {}",
+            if s.backup_running { "yes" } else { "no" }
+        );
+        println!(
+            "friends:        {} (friends arrive with the next release; backups stay local)",
+            s.friends
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// Prints a failure and returns exit code 1.
+pub fn report_failure(g_json: bool, f: &Failure) -> u8 {
+    output::print_error(g_json, &f.kind, &f.message);
+    exit::ERROR
+}

@@ -1,0 +1,668 @@
+//! The backup engine.
+//!
+//! ```text
+//! walker (this thread)          seal workers (N threads)        packer             writer
+//! read → FastCDC → keyed hash ─► zstd → XChaCha20-Poly1305 ──► pack builder ──► outbox file,
+//!   dedup: index + pending        bounded channel               seal index,      fsync, rename,
+//!   trees built post-order                                       pad, trailer     index commit
+//! ```
+//!
+//! Every stage is a thread, never an async task, and every channel is bounded: at most
+//! `2 × workers` chunks wait for sealing, `2 × workers` sealed chunks wait for the packer,
+//! one pack is being built and `packs_in_flight` finished packs wait for the disk. Memory does
+//! not depend on the size or number of files.
+//!
+//! Write order: pack file (durable) → index commit → (after the pipeline drained) snapshot and
+//! head in one commit. A crash leaves no snapshot pointing at missing data; packs that were
+//! written are reused by the next backup (committed ones through the index, uncommitted ones
+//! adopted at start, see [`Repo::adopt_orphans`](crate::repo::Repo::adopt_orphans)).
+//!
+//! A file that cannot be read is reported through [`Events`] and skipped; the backup goes on.
+
+use crate::chunker;
+use crate::error::NodeError;
+use crate::exclude::Excluder;
+use crate::keys::Keys;
+use crate::pack::{FinishedPack, PackBuilder};
+use crate::repo::{Repo, now_ns};
+use crate::seal::seal_chunk;
+use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
+use obnam_protocol::local::{ChunkLoc, PackRecord};
+use obnam_protocol::pack::PACK_TARGET;
+use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
+use obnam_protocol::tree::{Entry, EntryKind, Tree};
+use obnam_protocol::{ChunkId, SnapshotId};
+use serde_bytes::ByteBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::Metadata;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where long work reports progress and problems. Implementations must not block for long.
+pub trait Events: Send + Sync {
+    /// Sends one event.
+    fn send(&self, event: Event);
+}
+
+/// An [`Events`] that drops everything.
+pub struct NoEvents;
+impl Events for NoEvents {
+    fn send(&self, _: Event) {}
+}
+
+struct Job {
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+struct SealedChunk {
+    id: ChunkId,
+    sealed: Vec<u8>,
+    plain_len: u64,
+}
+
+/// State shared by the pipeline's threads.
+struct Shared {
+    pending: Mutex<HashSet<ChunkId>>,
+    abort: AtomicBool,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<ChunkId>> {
+        // A poisoned lock means a pipeline thread panicked; the set itself is still usable.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Normalises a backup path: absolute, without `.`/`..` or trailing slashes.
+///
+/// # Errors
+/// [`NodeError::Usage`] for a relative path.
+pub fn normalize(path: &Path) -> Result<PathBuf, NodeError> {
+    if !path.is_absolute() {
+        return Err(NodeError::Usage(format!(
+            "path {} is not absolute",
+            path.display()
+        )));
+    }
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one backup. Blocking: call from a blocking thread.
+///
+/// # Errors
+/// A missing path, bad exclude rules, a full outbox, a disk or database failure. Unreadable
+/// files are not errors: they are reported and counted in `failed_files`.
+pub fn backup(
+    repo: &Repo,
+    req: &BackupRequest,
+    events: &dyn Events,
+) -> Result<BackupReport, NodeError> {
+    let owner = repo.owner()?;
+    let params = repo.chunker(&owner.keys)?;
+    if !chunker::supported(&params) {
+        return Err(NodeError::Usage(format!(
+            "this obnam cannot use chunker parameters {params:?}"
+        )));
+    }
+    if req.paths.is_empty() {
+        return Err(NodeError::Usage(
+            "nothing to back up: name at least one path".into(),
+        ));
+    }
+    let mut roots = Vec::new();
+    for p in &req.paths {
+        let path = normalize(Path::new(std::ffi::OsStr::from_bytes(p)))?;
+        if let Err(e) = std::fs::symlink_metadata(&path) {
+            return Err(NodeError::Usage(format!(
+                "cannot back up {}: {e}",
+                path.display()
+            )));
+        }
+        roots.push(path);
+    }
+    let files: Vec<PathBuf> = req
+        .exclude_files
+        .iter()
+        .map(|f| PathBuf::from(std::ffi::OsStr::from_bytes(f)))
+        .collect();
+    let excluder = Excluder::new(
+        &req.excludes,
+        &files,
+        req.exclude_caches,
+        &[repo.paths.data.clone()],
+    )?;
+    let keys = Arc::new(owner.keys);
+    let started = now_ns();
+    let threads = repo.config.seal_threads();
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(HashSet::new()),
+        abort: AtomicBool::new(false),
+    });
+
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (sealed_tx, sealed_rx) = sync_channel::<Result<SealedChunk, NodeError>>(threads * 2);
+    let (pack_tx, pack_rx) = sync_channel::<FinishedPack>(repo.config.packs_in_flight.max(1));
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            let tx = sealed_tx.clone();
+            let keys = Arc::clone(&keys);
+            let level = repo.config.zstd_level;
+            s.spawn(move || seal_worker(&keys, level, &rx, &tx));
+        }
+        drop(sealed_tx);
+        let packer = {
+            let keys = Arc::clone(&keys);
+            let shared = Arc::clone(&shared);
+            s.spawn(move || packer(&keys, sealed_rx, pack_tx, &shared))
+        };
+        let writer = {
+            let shared = Arc::clone(&shared);
+            s.spawn(move || writer(repo, pack_rx, &shared))
+        };
+        let mut walker = Walker {
+            repo,
+            keys: &keys,
+            params,
+            excluder: &excluder,
+            events,
+            jobs: Some(job_tx),
+            shared: &shared,
+            one_file_system: req.one_file_system,
+            hardlinks: HashMap::new(),
+            next_group: 0,
+            files: 0,
+            dirs: 0,
+            bytes: 0,
+            new_bytes: 0,
+            problems: Vec::new(),
+            last_progress: Instant::now(),
+        };
+        let walked = walker.run(&roots).and_then(|root| {
+            let record = SnapshotRecord {
+                time_ns: started,
+                host: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                paths: roots
+                    .iter()
+                    .map(|p| ByteBuf::from(p.as_os_str().as_bytes().to_vec()))
+                    .collect(),
+                tags: req.tags.clone(),
+                root,
+                files: walker.files,
+                dirs: walker.dirs,
+                bytes: walker.bytes,
+                failed_files: walker.problems.len() as u64,
+                chunker: params,
+            };
+            let bytes = record.to_bytes();
+            let id = walker.ingest_single(bytes)?;
+            Ok((SnapshotId::from(id), record))
+        });
+        // Close the pipeline and wait for every pack to be durable and indexed.
+        walker.jobs = None;
+        let packed = packer
+            .join()
+            .unwrap_or_else(|_| Err(NodeError::Key("the packer thread panicked".into())));
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(NodeError::Key("the pack writer thread panicked".into())));
+        let stored_bytes = match (walked, packed, written) {
+            (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
+            (Err(e), _, _) => return Err(e),
+            (Ok(done), Ok(()), Ok(stored)) => (done, stored),
+        };
+        let ((id, record), stored_bytes) = stored_bytes;
+        repo.commit_snapshot(&keys, id, &record)?;
+        tracing::info!(snapshot = %id, files = record.files, bytes = record.bytes, new_bytes = walker.new_bytes, stored_bytes, "backup done");
+        Ok(BackupReport {
+            snapshot: id,
+            files: record.files,
+            failed_files: record.failed_files,
+            bytes: record.bytes,
+            new_bytes: walker.new_bytes,
+            stored_bytes,
+            replicas: 0,
+            problems: std::mem::take(&mut walker.problems),
+        })
+    })
+}
+
+fn seal_worker(
+    keys: &Keys,
+    level: i32,
+    rx: &Mutex<Receiver<Job>>,
+    tx: &SyncSender<Result<SealedChunk, NodeError>>,
+) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            guard.recv()
+        };
+        let Ok(job) = job else { return };
+        let plain_len = job.data.len() as u64;
+        let out = seal_chunk(keys, &job.id, &job.data, level).map(|sealed| SealedChunk {
+            id: job.id,
+            sealed,
+            plain_len,
+        });
+        if tx.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+fn packer(
+    keys: &Keys,
+    rx: Receiver<Result<SealedChunk, NodeError>>,
+    tx: SyncSender<FinishedPack>,
+    shared: &Shared,
+) -> Result<(), NodeError> {
+    let fail = |e: NodeError| {
+        shared.abort.store(true, Ordering::SeqCst);
+        Err(e)
+    };
+    let mut builder = PackBuilder::new();
+    for item in rx {
+        let chunk = match item {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        builder.add(chunk.id, &chunk.sealed, chunk.plain_len);
+        if builder.len() >= PACK_TARGET {
+            let pack = std::mem::take(&mut builder).finish(keys)?;
+            if tx.send(pack).is_err() {
+                // The writer stopped: it recorded its error and set the abort flag.
+                return Ok(());
+            }
+        }
+    }
+    if !builder.is_empty() {
+        let pack = builder.finish(keys)?;
+        let _ = tx.send(pack);
+    }
+    Ok(())
+}
+
+fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u64, NodeError> {
+    let result = (|| {
+        let mut used = repo.store.outbox_usage()?.bytes;
+        let max = repo.config.outbox_max_bytes;
+        let mut stored = 0u64;
+        for pack in rx {
+            let need = pack.bytes.len() as u64;
+            if used + need > max {
+                return Err(NodeError::OutboxFull { used, max, need });
+            }
+            repo.outbox.write(&pack.id, &pack.bytes)?;
+            let record = PackRecord {
+                len: need,
+                chunks: pack.entries.len() as u32,
+                created_ns: now_ns(),
+                in_outbox: true,
+            };
+            let chunks: Vec<_> = pack
+                .entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.chunk,
+                        ChunkLoc {
+                            pack: pack.id,
+                            offset: e.offset,
+                            len: e.len,
+                        },
+                    )
+                })
+                .collect();
+            repo.store.commit_pack(&pack.id, &record, &chunks)?;
+            let mut pending = shared.pending();
+            for (c, _) in &chunks {
+                pending.remove(c);
+            }
+            drop(pending);
+            used += need;
+            stored += need;
+            tracing::debug!(pack = %pack.id, bytes = need, chunks = chunks.len(), "pack written");
+        }
+        Ok(stored)
+    })();
+    if result.is_err() {
+        shared.abort.store(true, Ordering::SeqCst);
+    }
+    result
+}
+
+/// A directory on the way down to the backup roots.
+#[derive(Default)]
+struct Trie {
+    target: bool,
+    children: BTreeMap<Vec<u8>, Trie>,
+}
+
+enum IngestError {
+    Read(std::io::Error),
+    Abort(NodeError),
+}
+
+struct Walker<'a> {
+    repo: &'a Repo,
+    keys: &'a Keys,
+    params: ChunkerParams,
+    excluder: &'a Excluder,
+    events: &'a dyn Events,
+    jobs: Option<SyncSender<Job>>,
+    shared: &'a Shared,
+    one_file_system: bool,
+    hardlinks: HashMap<(u64, u64), (u64, Vec<ChunkId>)>,
+    next_group: u64,
+    files: u64,
+    dirs: u64,
+    bytes: u64,
+    new_bytes: u64,
+    problems: Vec<FileProblem>,
+    last_progress: Instant,
+}
+
+fn aborted() -> NodeError {
+    NodeError::Io {
+        context: "backup stopped".into(),
+        source: std::io::Error::other("the pack writer failed"),
+    }
+}
+
+impl Walker<'_> {
+    fn run(&mut self, roots: &[PathBuf]) -> Result<Vec<ChunkId>, NodeError> {
+        let mut trie = Trie::default();
+        for r in roots {
+            let mut node = &mut trie;
+            for c in r.components() {
+                if let Component::Normal(n) = c {
+                    node = node.children.entry(n.as_bytes().to_vec()).or_default();
+                }
+            }
+            node.target = true;
+        }
+        let root = Path::new("/");
+        if trie.target {
+            let dev = std::fs::symlink_metadata(root)
+                .map_err(|e| NodeError::io("reading /", e))?
+                .dev();
+            self.walk_dir(root, dev)?
+                .ok_or_else(|| NodeError::Usage("cannot read /".into()))
+        } else {
+            self.virtual_dir(root, &trie)
+        }
+    }
+
+    fn virtual_dir(&mut self, path: &Path, node: &Trie) -> Result<Vec<ChunkId>, NodeError> {
+        let mut tree = Tree::default();
+        for (name, child) in &node.children {
+            let child_path = path.join(std::ffi::OsStr::from_bytes(name));
+            if child.target {
+                let meta = std::fs::symlink_metadata(&child_path).map_err(|e| {
+                    NodeError::Usage(format!("cannot back up {}: {e}", child_path.display()))
+                })?;
+                if self.excluder.excludes(&child_path) {
+                    continue;
+                }
+                if let Some(e) = self.entry_for(&child_path, name.clone(), &meta, meta.dev())? {
+                    tree.entries.push(e);
+                }
+            } else {
+                let meta = std::fs::metadata(&child_path)
+                    .map_err(|e| NodeError::io(format!("reading {}", child_path.display()), e))?;
+                let mut e = base_entry(name.clone(), EntryKind::Dir, &meta);
+                e.content = self.virtual_dir(&child_path, child)?;
+                self.dirs += 1;
+                tree.entries.push(e);
+            }
+        }
+        self.ingest_blob(&tree.to_bytes())
+    }
+
+    fn problem(&mut self, path: &Path, error: impl std::fmt::Display) {
+        let p = FileProblem {
+            path: path.display().to_string(),
+            error: error.to_string(),
+        };
+        tracing::warn!(path = %p.path, error = %p.error, "skipped");
+        self.events
+            .send(Event::Warning(format!("skipped {}: {}", p.path, p.error)));
+        self.problems.push(p);
+    }
+
+    /// Reads a directory; `None` when it cannot be read (reported).
+    fn walk_dir(&mut self, dir: &Path, root_dev: u64) -> Result<Option<Vec<ChunkId>>, NodeError> {
+        let mut names: Vec<std::ffi::OsString> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
+            Err(e) => {
+                self.problem(dir, e);
+                return Ok(None);
+            }
+        };
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut tree = Tree::default();
+        for name in names {
+            if self.shared.abort.load(Ordering::Relaxed) {
+                return Err(aborted());
+            }
+            let path = dir.join(&name);
+            if self.excluder.excludes(&path) {
+                continue;
+            }
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.problem(&path, e);
+                    continue;
+                }
+            };
+            if let Some(e) = self.entry_for(&path, name.as_bytes().to_vec(), &meta, root_dev)? {
+                tree.entries.push(e);
+            }
+        }
+        self.ingest_blob(&tree.to_bytes()).map(Some)
+    }
+
+    fn entry_for(
+        &mut self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+        root_dev: u64,
+    ) -> Result<Option<Entry>, NodeError> {
+        let ft = meta.file_type();
+        let kind = if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_file() {
+            EntryKind::File
+        } else if ft.is_symlink() {
+            EntryKind::Symlink
+        } else if ft.is_fifo() {
+            EntryKind::Fifo
+        } else if ft.is_char_device() {
+            EntryKind::CharDevice
+        } else if ft.is_block_device() {
+            EntryKind::BlockDevice
+        } else {
+            EntryKind::Socket
+        };
+        let mut e = base_entry(name, kind, meta);
+        match kind {
+            EntryKind::Dir => {
+                if self.excluder.is_excluded_cache(path) {
+                    return Ok(None);
+                }
+                if self.one_file_system && meta.dev() != root_dev {
+                    // A mount point: kept as an empty directory, as restic and borg do.
+                    e.content = self.ingest_blob(&Tree::default().to_bytes())?;
+                } else {
+                    match self.walk_dir(path, root_dev)? {
+                        Some(c) => e.content = c,
+                        None => return Ok(None),
+                    }
+                }
+                self.dirs += 1;
+            }
+            EntryKind::File => {
+                let key = (meta.dev(), meta.ino());
+                if meta.nlink() > 1 {
+                    if let Some((group, content)) = self.hardlinks.get(&key) {
+                        e.hardlink = Some(*group);
+                        e.content = content.clone();
+                        self.files += 1;
+                        return Ok(Some(e));
+                    }
+                }
+                let file = match std::fs::File::open(path) {
+                    Ok(f) => f,
+                    Err(err) => {
+                        self.problem(path, err);
+                        return Ok(None);
+                    }
+                };
+                self.progress(path);
+                match self.ingest(file) {
+                    Ok((content, size)) => {
+                        e.content = content;
+                        e.size = size;
+                    }
+                    Err(IngestError::Read(err)) => {
+                        self.problem(path, err);
+                        return Ok(None);
+                    }
+                    Err(IngestError::Abort(err)) => return Err(err),
+                }
+                self.files += 1;
+                self.bytes += e.size;
+                if meta.nlink() > 1 {
+                    let group = self.next_group;
+                    self.next_group += 1;
+                    e.hardlink = Some(group);
+                    self.hardlinks.insert(key, (group, e.content.clone()));
+                }
+            }
+            EntryKind::Symlink => match std::fs::read_link(path) {
+                Ok(t) => e.target = t.as_os_str().as_bytes().to_vec(),
+                Err(err) => {
+                    self.problem(path, err);
+                    return Ok(None);
+                }
+            },
+            EntryKind::CharDevice | EntryKind::BlockDevice => e.rdev = meta.rdev(),
+            EntryKind::Fifo | EntryKind::Socket => {}
+        }
+        Ok(Some(e))
+    }
+
+    fn progress(&mut self, path: &Path) {
+        if self.last_progress.elapsed() >= Duration::from_millis(200) {
+            self.last_progress = Instant::now();
+            self.events.send(Event::Progress(Progress {
+                files: self.files,
+                bytes: self.bytes,
+                total_files: None,
+                total_bytes: None,
+                current: path.display().to_string(),
+            }));
+        }
+    }
+
+    fn known(&self, id: &ChunkId) -> Result<bool, NodeError> {
+        if self.shared.pending().contains(id) {
+            return Ok(true);
+        }
+        Ok(self.repo.store.chunk(id)?.is_some())
+    }
+
+    fn submit(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), NodeError> {
+        if self.known(&id)? {
+            return Ok(());
+        }
+        self.shared.pending().insert(id);
+        self.new_bytes += data.len() as u64;
+        let jobs = self.jobs.as_ref().ok_or_else(aborted)?;
+        jobs.send(Job { id, data }).map_err(|_| aborted())
+    }
+
+    fn ingest(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), IngestError> {
+        let mut ids = Vec::new();
+        let mut size = 0u64;
+        for chunk in chunker::chunks(reader, &self.params, self.keys.gear_seed()) {
+            if self.shared.abort.load(Ordering::Relaxed) {
+                return Err(IngestError::Abort(aborted()));
+            }
+            let chunk = chunk.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => IngestError::Read(io),
+                other => IngestError::Read(std::io::Error::other(other.to_string())),
+            })?;
+            let id = self.keys.chunk_id(&chunk.data);
+            size += chunk.data.len() as u64;
+            self.submit(id, chunk.data).map_err(IngestError::Abort)?;
+            ids.push(id);
+        }
+        Ok((ids, size))
+    }
+
+    fn ingest_blob(&mut self, bytes: &[u8]) -> Result<Vec<ChunkId>, NodeError> {
+        match self.ingest(bytes) {
+            Ok((ids, _)) => Ok(ids),
+            Err(IngestError::Read(e)) => Err(NodeError::io("chunking a tree", e)),
+            Err(IngestError::Abort(e)) => Err(e),
+        }
+    }
+
+    fn ingest_single(&mut self, bytes: Vec<u8>) -> Result<ChunkId, NodeError> {
+        let id = self.keys.chunk_id(&bytes);
+        self.submit(id, bytes)?;
+        Ok(id)
+    }
+}
+
+fn base_entry(name: Vec<u8>, kind: EntryKind, meta: &Metadata) -> Entry {
+    let mut e = Entry::new(name, kind);
+    e.mode = meta.mode() & 0o7777;
+    e.uid = meta.uid();
+    e.gid = meta.gid();
+    e.mtime_ns = meta
+        .mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec());
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized() {
+        assert_eq!(
+            normalize(Path::new("/a/./b/../c/")).unwrap(),
+            PathBuf::from("/a/c")
+        );
+        assert_eq!(normalize(Path::new("/")).unwrap(), PathBuf::from("/"));
+        assert!(normalize(Path::new("a")).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! Configuration and directories: plain data, no behaviour.
+//!
+//! With `--data-dir DIR` (or `OBNAM_DATA_DIR`), everything of one node lives under `DIR`:
+//! `config.toml`, the node key, the secrets file, the database, the outbox and the socket.
+//! Without it, `config.toml` is in `$XDG_CONFIG_HOME/obnam` and everything else in
+//! `$XDG_DATA_HOME/obnam` (mode 0700). The config file may be absent: every setting has a default.
+
+use crate::error::NodeError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Every setting of a node. Every interval and timeout is here, so tests shorten them through
+/// the config file, not through hidden switches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// libp2p listen addresses.
+    pub listen: Vec<String>,
+    /// Most bytes the outbox may hold; a backup that would exceed it fails with a clear error.
+    pub outbox_max_bytes: u64,
+    /// zstd level for chunk compression.
+    pub zstd_level: i32,
+    /// Threads that compress and seal chunks (0: one per core).
+    pub seal_threads: usize,
+    /// Finished packs that may wait for the disk at once (bounds memory).
+    pub packs_in_flight: usize,
+    /// Seconds a libp2p connection may stay idle before it is closed.
+    pub idle_connection_timeout_secs: u64,
+    /// Seconds a backup waits for replication without progress (the friends issue).
+    pub replication_timeout_secs: u64,
+    /// redb page cache in MiB.
+    pub db_cache_mib: usize,
+    /// Enable mDNS discovery (off: it sends multicast on the LAN).
+    pub mdns: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/4411".into()],
+            outbox_max_bytes: 100 * 1024 * 1024 * 1024,
+            zstd_level: 3,
+            seal_threads: 0,
+            packs_in_flight: 2,
+            idle_connection_timeout_secs: 300,
+            replication_timeout_secs: 60,
+            db_cache_mib: 64,
+            mdns: false,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads the config file, or the defaults when it does not exist.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] when the file exists but cannot be read or parsed.
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| NodeError::Config {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(NodeError::Config {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Threads for sealing: the configured number, or one per core.
+    pub fn seal_threads(&self) -> usize {
+        if self.seal_threads > 0 {
+            self.seal_threads
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }
+    }
+}
+
+/// Where a node keeps its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// The config file.
+    pub config: PathBuf,
+    /// The data directory (mode 0700).
+    pub data: PathBuf,
+}
+
+impl Paths {
+    /// Resolves the directories from `--data-dir` / `OBNAM_DATA_DIR`, or the XDG defaults.
+    ///
+    /// # Errors
+    /// [`NodeError::NoHome`] when no data directory can be determined.
+    pub fn resolve(data_dir: Option<&Path>) -> Result<Self, NodeError> {
+        if let Some(dir) = data_dir {
+            let dir = absolute(dir)?;
+            return Ok(Self {
+                config: dir.join("config.toml"),
+                data: dir,
+            });
+        }
+        let data = dirs::data_dir().ok_or(NodeError::NoHome)?.join("obnam");
+        let config = dirs::config_dir()
+            .ok_or(NodeError::NoHome)?
+            .join("obnam")
+            .join("config.toml");
+        Ok(Self { config, data })
+    }
+
+    /// The node's libp2p key.
+    pub fn node_key(&self) -> PathBuf {
+        self.data.join("node.key")
+    }
+    /// The secrets file (master secret, key slot, owner name).
+    pub fn secrets(&self) -> PathBuf {
+        self.data.join("secrets")
+    }
+    /// The redb database.
+    pub fn database(&self) -> PathBuf {
+        self.data.join("index.redb")
+    }
+    /// The outbox of sealed packs.
+    pub fn outbox(&self) -> PathBuf {
+        self.data.join("outbox")
+    }
+    /// The lock file that keeps a second daemon off this data directory.
+    pub fn lock(&self) -> PathBuf {
+        self.data.join("node.lock")
+    }
+
+    /// The control socket: `<data>/node.sock` when that path fits a Unix socket address
+    /// (107 bytes), otherwise a name derived from the data directory under
+    /// `$XDG_RUNTIME_DIR` or the temp directory.
+    pub fn socket(&self) -> PathBuf {
+        let direct = self.data.join("node.sock");
+        if direct.as_os_str().len() <= 107 {
+            return direct;
+        }
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let hash = blake3::hash(self.data.as_os_str().as_encoded_bytes());
+        base.join(format!("obnam-{}.sock", &hash.to_hex()[..16]))
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, NodeError> {
+    std::path::absolute(p).map_err(|e| NodeError::io(format!("resolving {}", p.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_data_dirs_put_the_socket_elsewhere() {
+        let short = Paths::resolve(Some(Path::new("/tmp/x"))).unwrap();
+        assert_eq!(short.socket(), PathBuf::from("/tmp/x/node.sock"));
+        let long_dir = format!("/tmp/{}", "d".repeat(120));
+        let long = Paths::resolve(Some(Path::new(&long_dir))).unwrap();
+        let sock = long.socket();
+        assert!(sock.as_os_str().len() <= 107, "{}", sock.display());
+        assert_ne!(
+            sock,
+            Paths::resolve(Some(Path::new(&format!("{long_dir}2"))))
+                .unwrap()
+                .socket()
+        );
+    }
+
+    #[test]
+    fn config_defaults_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        assert_eq!(NodeConfig::load(&path).unwrap(), NodeConfig::default());
+        std::fs::write(
+            &path,
+            "outbox_max_bytes = 5\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n",
+        )
+        .unwrap();
+        let c = NodeConfig::load(&path).unwrap();
+        assert_eq!(c.outbox_max_bytes, 5);
+        assert_eq!(c.zstd_level, 3);
+        std::fs::write(&path, "no_such_setting = 1\n").unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.toml") && err.contains("no_such_setting"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! `obnam-node start`: the daemon's life cycle.
+//!
+//! Order: directories (0700) → config → exclusive lock on the data directory → node key
+//! (created on first start, mode 0600) → database → adopt packs left by a crash → libp2p →
+//! control socket → serve until SIGINT or SIGTERM → remove the socket.
+
+use crate::config::{NodeConfig, Paths};
+use crate::control::{self, Daemon};
+use crate::error::NodeError;
+use crate::net;
+use crate::repo::Repo;
+use libp2p::identity::Keypair;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a started node reports once it serves.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its listen addresses.
+    pub addrs: Vec<String>,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+/// Options of `obnam-node start`.
+#[derive(Default)]
+pub struct StartOptions {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen` addresses, replacing the config's.
+    pub listen: Vec<String>,
+    /// Called once the control socket accepts connections.
+    pub on_ready: Option<Box<dyn FnOnce(&Ready) + Send>>,
+}
+
+fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                NodeError::Key(format!("node key {} is not 32 bytes", path.display()))
+            })?;
+            Keypair::ed25519_from_bytes(arr)
+                .map_err(|e| NodeError::Key(format!("node key {}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+            rand::fill(&mut secret[..]);
+            let ctx = || format!("writing node key {}", path.display());
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| NodeError::io(ctx(), e))?;
+            f.write_all(&secret[..])
+                .map_err(|e| NodeError::io(ctx(), e))?;
+            f.sync_all().map_err(|e| NodeError::io(ctx(), e))?;
+            Keypair::ed25519_from_bytes(*secret).map_err(|e| NodeError::Key(e.to_string()))
+        }
+        Err(e) => Err(NodeError::io(
+            format!("reading node key {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Start-up failures: another node on the data directory, a bad config, an unbindable address.
+pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
+    let paths = Paths::resolve(opts.data_dir.as_deref())?;
+    std::fs::create_dir_all(&paths.data)
+        .map_err(|e| NodeError::io(format!("creating {}", paths.data.display()), e))?;
+    std::fs::set_permissions(&paths.data, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| NodeError::io(format!("securing {}", paths.data.display()), e))?;
+    let mut config = NodeConfig::load(&paths.config)?;
+    if !opts.listen.is_empty() {
+        config.listen = opts.listen.clone();
+    }
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(paths.lock())
+        .map_err(|e| NodeError::io(format!("opening {}", paths.lock().display()), e))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| NodeError::AlreadyRunning {
+            path: paths.data.clone(),
+        })?;
+    let key = load_or_create_key(&paths.node_key())?;
+    let repo = {
+        let paths = paths.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> Result<Repo, NodeError> {
+            let repo = Repo::open(paths, config)?;
+            match repo.owner() {
+                Ok(owner) => {
+                    repo.adopt_orphans(&owner.keys)?;
+                }
+                Err(NodeError::NotInitialized) => {}
+                Err(e) => tracing::warn!(error = %e.full_message(), "owner keys unavailable"),
+            }
+            Ok(repo)
+        })
+        .await
+        .map_err(|e| NodeError::Control(format!("start-up worker failed: {e}")))??
+    };
+    let (net, net_task) = net::start(
+        key,
+        &config.listen,
+        Duration::from_secs(config.idle_connection_timeout_secs),
+    )
+    .await?;
+    let socket = paths.socket();
+    let listener = control::bind(&socket)?;
+    tracing::info!(peer_id = %net.peer_id, socket = %socket.display(), data_dir = %paths.data.display(), "obnam-node started");
+    if let Some(ready) = opts.on_ready.take() {
+        ready(&Ready {
+            peer_id: net.peer_id.to_string(),
+            addrs: net.addrs().iter().map(ToString::to_string).collect(),
+            socket: socket.clone(),
+            data_dir: paths.data.clone(),
+        });
+    }
+    let daemon = Arc::new(Daemon {
+        repo,
+        net,
+        backup_lock: tokio::sync::Mutex::new(()),
+    });
+    let server = tokio::spawn(control::serve(listener, daemon));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| NodeError::io("installing the SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+    }
+    server.abort();
+    net_task.abort();
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The node's own repository: the store, the outbox, and the owner's head.
+//!
+//! Everything here is synchronous; the daemon calls it from blocking threads.
+
+use crate::config::{NodeConfig, Paths};
+use crate::error::NodeError;
+use crate::keys::{self, Keys, Owner};
+use crate::outbox::Outbox;
+use crate::pack;
+use crate::seal::{self, OpenError};
+use obnam_protocol::envelope::DOMAIN_HEAD_BODY;
+use obnam_protocol::ids::matches_prefix;
+use obnam_protocol::local::{ChunkLoc, PackRecord};
+use obnam_protocol::signed::CONTEXT_HEAD;
+use obnam_protocol::snapshot::{
+    ChunkerParams, Head, HeadBody, SignedHead, SnapshotEntry, SnapshotRecord,
+};
+use obnam_protocol::tree::Tree;
+use obnam_protocol::{ChunkId, SnapshotId};
+use obnam_store::{Store, StoreOptions};
+
+/// The node's repository.
+#[derive(Clone)]
+pub struct Repo {
+    /// Directories.
+    pub paths: Paths,
+    /// Settings.
+    pub config: NodeConfig,
+    /// The redb database.
+    pub store: Store,
+    /// The pack files.
+    pub outbox: Outbox,
+}
+
+impl Repo {
+    /// Opens the database and outbox under the data directory.
+    ///
+    /// # Errors
+    /// [`NodeError::Store`] or [`NodeError::Io`].
+    pub fn open(paths: Paths, config: NodeConfig) -> Result<Self, NodeError> {
+        let store = Store::open(
+            &paths.database(),
+            &StoreOptions {
+                cache_bytes: config.db_cache_mib * 1024 * 1024,
+            },
+        )?;
+        let outbox = Outbox::open(paths.outbox())?;
+        Ok(Self {
+            paths,
+            config,
+            store,
+            outbox,
+        })
+    }
+
+    /// Loads the owner's keys from the secrets file (checking its mode every time).
+    ///
+    /// # Errors
+    /// [`NodeError::NotInitialized`], [`NodeError::InsecureSecrets`], …
+    pub fn owner(&self) -> Result<Owner, NodeError> {
+        keys::load_owner(&self.paths.secrets())
+    }
+
+    /// Indexes pack files that a crash left in the outbox before their index commit, so the next
+    /// backup reuses them. Files that do not verify are removed. Returns how many were adopted.
+    ///
+    /// # Errors
+    /// I/O or database errors; a damaged pack is removed, not an error.
+    pub fn adopt_orphans(&self, keys: &Keys) -> Result<usize, NodeError> {
+        let mut adopted = 0;
+        for id in self.outbox.scan()? {
+            if self.store.pack(&id)?.is_some() {
+                continue;
+            }
+            let bytes = self.outbox.read(&id)?;
+            let index = if obnam_protocol::PackId::of(&bytes) == id {
+                pack::read_index(keys, &id, bytes.len() as u64, |off, len| {
+                    bytes
+                        .get(off as usize..off as usize + len)
+                        .map(<[u8]>::to_vec)
+                        .ok_or_else(|| NodeError::Authentication {
+                            what: format!("pack {id} (range)"),
+                        })
+                })
+                .ok()
+            } else {
+                None
+            };
+            let Some(index) = index else {
+                tracing::warn!(pack = %id, "removing an outbox file that does not verify");
+                self.outbox.remove(&id)?;
+                continue;
+            };
+            let record = PackRecord {
+                len: bytes.len() as u64,
+                chunks: index.entries.len() as u32,
+                created_ns: now_ns(),
+                in_outbox: true,
+            };
+            let chunks: Vec<_> = index
+                .entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.chunk,
+                        ChunkLoc {
+                            pack: id,
+                            offset: e.offset,
+                            len: e.len,
+                        },
+                    )
+                })
+                .collect();
+            self.store.commit_pack(&id, &record, &chunks)?;
+            tracing::info!(pack = %id, chunks = chunks.len(), "adopted a pack left by an interrupted backup");
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+
+    /// The chunker parameters in force: those of the head, or version 1 for a new owner.
+    ///
+    /// # Errors
+    /// As [`Repo::head_body`].
+    pub fn chunker(&self, keys: &Keys) -> Result<ChunkerParams, NodeError> {
+        Ok(self
+            .head_body(keys)?
+            .map(|(_, _, b)| b.chunker)
+            .unwrap_or(ChunkerParams::V1))
+    }
+
+    /// The current head, verified and opened.
+    ///
+    /// # Errors
+    /// [`NodeError::Corrupt`] or [`NodeError::Authentication`] for a bad head.
+    pub fn head_body(
+        &self,
+        keys: &Keys,
+    ) -> Result<Option<(SignedHead, Head, HeadBody)>, NodeError> {
+        let Some(bytes) = self.store.own_head()? else {
+            return Ok(None);
+        };
+        let owner_id = keys.owner_id();
+        let (signed, head) =
+            SignedHead::verify(&bytes, &owner_id).map_err(|e| NodeError::Authentication {
+                what: format!("own head: {e}"),
+            })?;
+        let body = seal::open_blob(
+            keys,
+            DOMAIN_HEAD_BODY,
+            &Head::body_context(&owner_id, head.seq),
+            &head.sealed_body,
+        )
+        .map_err(|_| NodeError::Authentication {
+            what: "own head body".into(),
+        })?;
+        let body = HeadBody::from_bytes(&body).map_err(|e| NodeError::Corrupt {
+            what: "own head body".into(),
+            source: e,
+        })?;
+        Ok(Some((signed, head, body)))
+    }
+
+    /// Records a snapshot: builds the next head (sequence + 1, chained to the current one), signs
+    /// it, and commits snapshot and head together.
+    ///
+    /// # Errors
+    /// Database or key errors.
+    pub fn commit_snapshot(
+        &self,
+        keys: &Keys,
+        id: SnapshotId,
+        record: &SnapshotRecord,
+    ) -> Result<u64, NodeError> {
+        let owner_id = keys.owner_id();
+        let (seq, prev, mut body) = match self.head_body(keys)? {
+            Some((signed, head, body)) => (head.seq + 1, Some(signed.hash()), body),
+            None => (
+                1,
+                None,
+                HeadBody {
+                    snapshots: Vec::new(),
+                    friends: Vec::new(),
+                    chunker: record.chunker,
+                },
+            ),
+        };
+        body.snapshots.push(SnapshotEntry {
+            id,
+            record: record.clone(),
+        });
+        let sealed_body = seal::seal_blob(
+            keys,
+            DOMAIN_HEAD_BODY,
+            &Head::body_context(&owner_id, seq),
+            &body.to_bytes(),
+        )?;
+        let head = Head {
+            owner: owner_id,
+            seq,
+            prev,
+            sealed_body,
+        };
+        let head_bytes = head.to_bytes();
+        let signature = keys.sign(CONTEXT_HEAD, &head_bytes).to_vec();
+        let signed = SignedHead {
+            head: head_bytes,
+            signature,
+        };
+        self.store
+            .commit_snapshot(&id, record, &signed.to_bytes())?;
+        Ok(seq)
+    }
+
+    /// Resolves `latest`, a full id or a prefix of at least 8 hex characters.
+    ///
+    /// # Errors
+    /// [`NodeError::NoSuchSnapshot`] when nothing or more than one snapshot matches.
+    pub fn resolve_snapshot(&self, name: &str) -> Result<(SnapshotId, SnapshotRecord), NodeError> {
+        let snaps = self.store.snapshots()?;
+        if name == "latest" {
+            return snaps
+                .into_iter()
+                .last()
+                .ok_or_else(|| NodeError::NoSuchSnapshot("there are no snapshots yet".into()));
+        }
+        if name.len() < obnam_protocol::ids::MIN_PREFIX_LEN {
+            return Err(NodeError::NoSuchSnapshot(format!(
+                "snapshot id {name:?} is too short: give at least {} hex characters, or `latest`",
+                obnam_protocol::ids::MIN_PREFIX_LEN
+            )));
+        }
+        let mut found: Vec<_> = snaps
+            .into_iter()
+            .filter(|(id, _)| matches_prefix(id, name))
+            .collect();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(NodeError::NoSuchSnapshot(format!(
+                "no snapshot matches {name:?}"
+            ))),
+            n => Err(NodeError::NoSuchSnapshot(format!(
+                "{n} snapshots match {name:?}: give more characters"
+            ))),
+        }
+    }
+
+    /// Reads and opens one chunk of ours.
+    ///
+    /// # Errors
+    /// [`NodeError::Authentication`] naming the chunk and pack, or I/O errors.
+    pub fn read_chunk(&self, keys: &Keys, id: &ChunkId) -> Result<Vec<u8>, NodeError> {
+        let loc = self
+            .store
+            .chunk(id)?
+            .ok_or_else(|| NodeError::Authentication {
+                what: format!("chunk {id:?} (not in the index)"),
+            })?;
+        let sealed = self
+            .outbox
+            .read_range(&loc.pack, u64::from(loc.offset), loc.len as usize)?;
+        seal::open_chunk(keys, id, &sealed).map_err(|e| match e {
+            OpenError::Authentication | OpenError::Mismatch | OpenError::Malformed(_) => {
+                NodeError::Authentication {
+                    what: format!("chunk {} in pack {}: {e}", id.short(), loc.pack),
+                }
+            }
+        })
+    }
+
+    /// Reads a blob stored as chunks (a tree).
+    ///
+    /// # Errors
+    /// As [`Repo::read_chunk`].
+    pub fn read_blob(&self, keys: &Keys, chunks: &[ChunkId]) -> Result<Vec<u8>, NodeError> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&self.read_chunk(keys, c)?);
+            if out.len() > obnam_protocol::tree::MAX_TREE_LEN {
+                return Err(NodeError::Corrupt {
+                    what: "tree".into(),
+                    source: obnam_protocol::DecodeError::TooLarge {
+                        what: "tree",
+                        len: out.len(),
+                        max: obnam_protocol::tree::MAX_TREE_LEN,
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a tree.
+    ///
+    /// # Errors
+    /// As [`Repo::read_chunk`], or [`NodeError::Corrupt`].
+    pub fn read_tree(&self, keys: &Keys, chunks: &[ChunkId]) -> Result<Tree, NodeError> {
+        let bytes = self.read_blob(keys, chunks)?;
+        Tree::from_bytes(&bytes).map_err(|e| NodeError::Corrupt {
+            what: "tree".into(),
+            source: e,
+        })
+    }
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}

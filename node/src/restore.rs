@@ -1,0 +1,442 @@
+//! Restore and listing.
+//!
+//! Files land at `<target>/<original absolute path>`, as with restic. Contents are written to a
+//! temporary name beside the final one and renamed into place only after every chunk of the file
+//! opened and verified, so nothing is ever written from unauthenticated data. Metadata follows:
+//! owner (when root), mode, then mtime; directories get theirs after their children.
+//! A file that fails is reported with its path and the pack at fault; the restore goes on.
+
+use crate::backup::{Events, normalize};
+use crate::error::NodeError;
+use crate::keys::Keys;
+use crate::repo::Repo;
+use obnam_protocol::control::{
+    Event, FileProblem, LsEntry, LsRequest, Progress, RestoreReport, RestoreRequest,
+};
+use obnam_protocol::tree::{Entry, EntryKind};
+use obnam_protocol::{ChunkId, SnapshotId};
+use serde_bytes::ByteBuf;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Splits an absolute path into its components as bytes.
+fn components(path: &Path) -> Vec<Vec<u8>> {
+    path.components()
+        .filter_map(|c| {
+            if let Component::Normal(n) = c {
+                Some(n.as_bytes().to_vec())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Finds the entry at `path` (absolute, original) in the tree of a snapshot.
+fn lookup(
+    repo: &Repo,
+    keys: &Keys,
+    root: &[ChunkId],
+    path: &Path,
+) -> Result<Option<Entry>, NodeError> {
+    let parts = components(path);
+    let mut content = root.to_vec();
+    let mut found = None;
+    for (i, part) in parts.iter().enumerate() {
+        let tree = repo.read_tree(keys, &content)?;
+        let Some(e) = tree.entries.into_iter().find(|e| &e.name == part) else {
+            return Ok(None);
+        };
+        if i + 1 < parts.len() && e.kind != EntryKind::Dir {
+            return Ok(None);
+        }
+        content = e.content.clone();
+        found = Some(e);
+    }
+    Ok(found)
+}
+
+/// Lists a snapshot's entries (below `req.path`, or all), sending each as [`Event::Entry`].
+///
+/// # Errors
+/// [`NodeError::NoSuchSnapshot`], [`NodeError::NoSuchPath`], or read errors.
+pub fn ls(
+    repo: &Repo,
+    req: &LsRequest,
+    events: &dyn Events,
+) -> Result<(SnapshotId, u64), NodeError> {
+    let owner = repo.owner()?;
+    let keys = &owner.keys;
+    let (id, record) = repo.resolve_snapshot(&req.snapshot)?;
+    let mut count = 0u64;
+    let mut emit = |path: &Path, e: &Entry| {
+        count += 1;
+        events.send(Event::Entry(LsEntry {
+            path: ByteBuf::from(path.as_os_str().as_bytes().to_vec()),
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            mtime_ns: e.mtime_ns,
+            target: ByteBuf::from(e.target.clone()),
+        }));
+    };
+    match &req.path {
+        None => walk(repo, keys, &record.root, Path::new("/"), &mut emit)?,
+        Some(p) => {
+            let path = normalize(Path::new(OsStr::from_bytes(p)))?;
+            if path == Path::new("/") {
+                walk(repo, keys, &record.root, &path, &mut emit)?;
+            } else {
+                let Some(e) = lookup(repo, keys, &record.root, &path)? else {
+                    return Err(NodeError::NoSuchPath(format!(
+                        "{} is not in snapshot {}",
+                        path.display(),
+                        id.short()
+                    )));
+                };
+                emit(&path, &e);
+                if e.kind == EntryKind::Dir {
+                    walk(repo, keys, &e.content, &path, &mut emit)?;
+                }
+            }
+        }
+    }
+    Ok((id, count))
+}
+
+fn walk(
+    repo: &Repo,
+    keys: &Keys,
+    tree: &[ChunkId],
+    dir: &Path,
+    emit: &mut dyn FnMut(&Path, &Entry),
+) -> Result<(), NodeError> {
+    for e in repo.read_tree(keys, tree)?.entries {
+        let path = dir.join(OsStr::from_bytes(&e.name));
+        emit(&path, &e);
+        if e.kind == EntryKind::Dir {
+            walk(repo, keys, &e.content, &path, emit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores a snapshot (or some of its paths) under `req.target`.
+///
+/// # Errors
+/// Unknown snapshot or path, a non-empty target without `force`, or an unusable target.
+/// Failures of single files are in the report's `problems`.
+pub fn restore(
+    repo: &Repo,
+    req: &RestoreRequest,
+    events: &dyn Events,
+) -> Result<RestoreReport, NodeError> {
+    let owner = repo.owner()?;
+    let keys = &owner.keys;
+    let (id, record) = repo.resolve_snapshot(&req.snapshot)?;
+    let target = normalize(Path::new(OsStr::from_bytes(&req.target)))?;
+    let mut filters = Vec::new();
+    for p in &req.paths {
+        let path = normalize(Path::new(OsStr::from_bytes(p)))?;
+        if path != Path::new("/") && lookup(repo, keys, &record.root, &path)?.is_none() {
+            return Err(NodeError::NoSuchPath(format!(
+                "{} is not in snapshot {}",
+                path.display(),
+                id.short()
+            )));
+        }
+        filters.push(components(&path));
+    }
+    match std::fs::read_dir(&target) {
+        Ok(mut rd) => {
+            if rd.next().is_some() && !req.force {
+                return Err(NodeError::TargetNotEmpty { path: target });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&target).map_err(|e| {
+                NodeError::io(format!("creating restore target {}", target.display()), e)
+            })?;
+        }
+        Err(e) => {
+            return Err(NodeError::io(
+                format!("opening restore target {}", target.display()),
+                e,
+            ));
+        }
+    }
+    let mut r = Restorer {
+        repo,
+        keys,
+        events,
+        filters,
+        is_root: nix::unistd::geteuid().is_root(),
+        links: HashMap::new(),
+        report: RestoreReport {
+            snapshot: id,
+            files: 0,
+            dirs: 0,
+            others: 0,
+            bytes: 0,
+            problems: Vec::new(),
+        },
+        last_progress: Instant::now(),
+    };
+    r.restore_dir(&record.root, &target, &mut Vec::new())?;
+    Ok(r.report)
+}
+
+struct Restorer<'a> {
+    repo: &'a Repo,
+    keys: &'a Keys,
+    events: &'a dyn Events,
+    filters: Vec<Vec<Vec<u8>>>,
+    is_root: bool,
+    links: HashMap<u64, PathBuf>,
+    report: RestoreReport,
+    last_progress: Instant,
+}
+
+enum Selection {
+    All,
+    Partly,
+    No,
+}
+
+impl Restorer<'_> {
+    fn select(&self, parts: &[Vec<u8>]) -> Selection {
+        if self.filters.is_empty() {
+            return Selection::All;
+        }
+        let mut partly = false;
+        for f in &self.filters {
+            if parts.len() >= f.len() && parts[..f.len()] == f[..] {
+                return Selection::All;
+            }
+            if f.len() > parts.len() && f[..parts.len()] == parts[..] {
+                partly = true;
+            }
+        }
+        if partly {
+            Selection::Partly
+        } else {
+            Selection::No
+        }
+    }
+
+    fn problem(&mut self, path: &Path, err: impl std::fmt::Display) {
+        let p = FileProblem {
+            path: path.display().to_string(),
+            error: err.to_string(),
+        };
+        tracing::warn!(path = %p.path, error = %p.error, "not restored");
+        self.events.send(Event::Warning(format!(
+            "could not restore {}: {}",
+            p.path, p.error
+        )));
+        self.report.problems.push(p);
+    }
+
+    fn restore_dir(
+        &mut self,
+        tree: &[ChunkId],
+        dest: &Path,
+        parts: &mut Vec<Vec<u8>>,
+    ) -> Result<(), NodeError> {
+        let tree = match self.repo.read_tree(self.keys, tree) {
+            Ok(t) => t,
+            Err(e) => {
+                self.problem(dest, e.full_message());
+                return Ok(());
+            }
+        };
+        for e in tree.entries {
+            parts.push(e.name.clone());
+            let sel = self.select(parts);
+            let path = dest.join(OsStr::from_bytes(&e.name));
+            match sel {
+                Selection::No => {}
+                Selection::Partly | Selection::All if e.kind == EntryKind::Dir => {
+                    match std::fs::create_dir(&path) {
+                        Ok(()) => {}
+                        Err(err)
+                            if err.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
+                        }
+                        Err(err) => {
+                            self.problem(&path, err);
+                            parts.pop();
+                            continue;
+                        }
+                    }
+                    // Owner-only access while we fill it in; the real mode comes after the children.
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
+                    self.restore_dir(&e.content, &path, parts)?;
+                    self.report.dirs += 1;
+                    if let Err(err) = self.set_meta(&path, &e) {
+                        self.problem(&path, err);
+                    }
+                }
+                Selection::Partly => {}
+                Selection::All => {
+                    if let Err(err) = self.restore_entry(&e, &path) {
+                        self.problem(&path, err.full_message());
+                    }
+                }
+            }
+            parts.pop();
+        }
+        Ok(())
+    }
+
+    fn restore_entry(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
+        let io = |what: &str, err: std::io::Error| {
+            NodeError::io(format!("{what} {}", path.display()), err)
+        };
+        if let Some(group) = e.hardlink {
+            if let Some(first) = self.links.get(&group).cloned() {
+                remove_existing(path).map_err(|err| io("replacing", err))?;
+                std::fs::hard_link(&first, path).map_err(|err| io("linking", err))?;
+                self.report.files += 1;
+                return Ok(());
+            }
+        }
+        match e.kind {
+            EntryKind::File => {
+                self.write_file(e, path)?;
+                self.report.files += 1;
+                self.report.bytes += e.size;
+                if let Some(group) = e.hardlink {
+                    self.links.insert(group, path.to_owned());
+                }
+                return Ok(());
+            }
+            EntryKind::Symlink => {
+                remove_existing(path).map_err(|err| io("replacing", err))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&e.target), path)
+                    .map_err(|err| io("creating symlink", err))?;
+            }
+            EntryKind::Fifo => {
+                remove_existing(path).map_err(|err| io("replacing", err))?;
+                nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|err| io("creating FIFO", err.into()))?;
+            }
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                if !self.is_root {
+                    return Err(NodeError::Usage(format!(
+                        "{}: device nodes can only be restored by root",
+                        path.display()
+                    )));
+                }
+                remove_existing(path).map_err(|err| io("replacing", err))?;
+                let kind = if e.kind == EntryKind::CharDevice {
+                    nix::sys::stat::SFlag::S_IFCHR
+                } else {
+                    nix::sys::stat::SFlag::S_IFBLK
+                };
+                nix::sys::stat::mknod(
+                    path,
+                    kind,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    e.rdev,
+                )
+                .map_err(|err| io("creating device", err.into()))?;
+            }
+            EntryKind::Socket => {
+                // Sockets belong to running programs; there is nothing to restore.
+                return Ok(());
+            }
+            EntryKind::Dir => return Err(NodeError::Usage("directory restored as a file".into())),
+        }
+        self.report.others += 1;
+        self.set_meta(path, e)
+            .map_err(|err| io("setting metadata of", err))
+    }
+
+    fn write_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
+        let name = path
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
+        let mut tmp_name = b".obnam-restore-".to_vec();
+        tmp_name.extend_from_slice(&name[..name.len().min(200)]);
+        let tmp = path.with_file_name(OsStr::from_bytes(&tmp_name));
+        let result = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
+            for c in &e.content {
+                let data = self.repo.read_chunk(self.keys, c)?;
+                f.write_all(&data)
+                    .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
+                self.progress(path);
+            }
+            f.sync_all()
+                .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
+            drop(f);
+            self.set_meta(&tmp, e).map_err(|err| {
+                NodeError::io(format!("setting metadata of {}", path.display()), err)
+            })?;
+            if path.is_dir() && !path.is_symlink() {
+                return Err(NodeError::Usage(format!(
+                    "{} exists and is a directory",
+                    path.display()
+                )));
+            }
+            std::fs::rename(&tmp, path)
+                .map_err(|err| NodeError::io(format!("renaming into {}", path.display()), err))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn progress(&mut self, path: &Path) {
+        if self.last_progress.elapsed() >= Duration::from_millis(200) {
+            self.last_progress = Instant::now();
+            self.events.send(Event::Progress(Progress {
+                files: self.report.files,
+                bytes: self.report.bytes,
+                total_files: None,
+                total_bytes: None,
+                current: path.display().to_string(),
+            }));
+        }
+    }
+
+    fn set_meta(&self, path: &Path, e: &Entry) -> std::io::Result<()> {
+        if self.is_root {
+            std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid))?;
+        }
+        if e.kind != EntryKind::Symlink {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))?;
+        }
+        let secs = e.mtime_ns.div_euclid(1_000_000_000);
+        let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
+        let t = filetime::FileTime::from_unix_time(secs, nanos);
+        filetime::set_symlink_file_times(path, t, t)
+    }
+}
+
+fn remove_existing(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "a directory is in the way",
+        )),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

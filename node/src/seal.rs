@@ -1,0 +1,210 @@
+//! Sealing and opening: zstd, then XChaCha20-Poly1305, in the envelopes of
+//! [`obnam_protocol::envelope`]. Synchronous and CPU-bound: call from worker threads only.
+
+use crate::error::NodeError;
+use crate::keys::Keys;
+use chacha20poly1305::XNonce;
+use chacha20poly1305::aead::{Aead, Payload};
+use obnam_protocol::ChunkId;
+use obnam_protocol::envelope::{self, COMPRESSION_NONE, COMPRESSION_ZSTD, NONCE_LEN, Sealed};
+
+/// The largest plaintext chunk: the chunker's maximum.
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::fill(&mut nonce[..]);
+    nonce
+}
+
+/// Compresses (when that helps) and encrypts one chunk.
+///
+/// # Errors
+/// [`NodeError::Key`] if encryption fails (it does not for valid inputs).
+pub fn seal_chunk(
+    keys: &Keys,
+    id: &ChunkId,
+    plain: &[u8],
+    zstd_level: i32,
+) -> Result<Vec<u8>, NodeError> {
+    let mut inner = Vec::with_capacity(plain.len() + 1);
+    match zstd::bulk::compress(plain, zstd_level) {
+        Ok(c) if c.len() < plain.len() => {
+            inner.push(COMPRESSION_ZSTD);
+            inner.extend_from_slice(&c);
+        }
+        _ => {
+            inner.push(COMPRESSION_NONE);
+            inner.extend_from_slice(plain);
+        }
+    }
+    let nonce = random_nonce();
+    let aad = envelope::chunk_aad(id);
+    let ct = keys
+        .cipher()
+        .encrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: &inner,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| NodeError::Key(format!("sealing chunk {id:?} failed")))?;
+    Ok(envelope::assemble(&nonce, &ct))
+}
+
+/// Why a chunk could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    /// The envelope is malformed.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// The tag does not verify: damaged, tampered with, or another owner's.
+    #[error("authentication failed")]
+    Authentication,
+    /// The plaintext does not hash to the chunk id.
+    #[error("content does not match its chunk id")]
+    Mismatch,
+}
+
+/// Opens one sealed chunk and checks that its plaintext hashes to `id`.
+///
+/// # Errors
+/// [`OpenError`]; nothing is returned from unauthenticated bytes.
+pub fn open_chunk(keys: &Keys, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let parts =
+        Sealed::parse("sealed chunk", sealed).map_err(|e| OpenError::Malformed(e.to_string()))?;
+    let aad = envelope::chunk_aad(id);
+    let inner = keys
+        .cipher()
+        .decrypt(
+            &XNonce::from(*parts.nonce),
+            Payload {
+                msg: parts.ciphertext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| OpenError::Authentication)?;
+    let plain = match inner.split_first() {
+        Some((&COMPRESSION_NONE, data)) => data.to_vec(),
+        Some((&COMPRESSION_ZSTD, data)) => zstd::bulk::decompress(data, MAX_CHUNK)
+            .map_err(|e| OpenError::Malformed(format!("zstd: {e}")))?,
+        _ => return Err(OpenError::Malformed("unknown compression".into())),
+    };
+    if keys.chunk_id(&plain) != *id {
+        return Err(OpenError::Mismatch);
+    }
+    Ok(plain)
+}
+
+/// Encrypts a blob in `domain` with `context` bound as associated data.
+///
+/// # Errors
+/// [`NodeError::Key`] if encryption fails.
+pub fn seal_blob(
+    keys: &Keys,
+    domain: &[u8],
+    context: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, NodeError> {
+    let nonce = random_nonce();
+    let aad = envelope::blob_aad(domain, context);
+    let ct = keys
+        .cipher()
+        .encrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: plain,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| NodeError::Key("sealing a blob failed".into()))?;
+    Ok(envelope::assemble(&nonce, &ct))
+}
+
+/// Opens a blob sealed by [`seal_blob`].
+///
+/// # Errors
+/// [`OpenError`].
+pub fn open_blob(
+    keys: &Keys,
+    domain: &[u8],
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, OpenError> {
+    let parts =
+        Sealed::parse("sealed blob", sealed).map_err(|e| OpenError::Malformed(e.to_string()))?;
+    let aad = envelope::blob_aad(domain, context);
+    keys.cipher()
+        .decrypt(
+            &XNonce::from(*parts.nonce),
+            Payload {
+                msg: parts.ciphertext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| OpenError::Authentication)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterSecret;
+
+    #[test]
+    fn chunks_round_trip_compressed_or_not() {
+        let keys = Keys::derive(&MasterSecret::generate());
+        let text = b"hello hello hello hello hello hello hello hello".repeat(100);
+        let mut random = vec![0u8; 10000];
+        rand::fill(&mut random[..]);
+        for plain in [&text[..], &random[..], b""] {
+            let id = keys.chunk_id(plain);
+            let sealed = seal_chunk(&keys, &id, plain, 3).unwrap();
+            assert_eq!(open_chunk(&keys, &id, &sealed).unwrap(), plain);
+        }
+        let id = keys.chunk_id(&text);
+        assert!(seal_chunk(&keys, &id, &text, 3).unwrap().len() < text.len() / 10);
+        let id = keys.chunk_id(&random);
+        assert_eq!(
+            seal_chunk(&keys, &id, &random, 3).unwrap().len(),
+            random.len() + 1 + envelope::OVERHEAD
+        );
+    }
+
+    #[test]
+    fn tampering_and_swapping_are_detected() {
+        let keys = Keys::derive(&MasterSecret::generate());
+        let a = keys.chunk_id(b"a");
+        let b = keys.chunk_id(b"b");
+        let mut sealed = seal_chunk(&keys, &a, b"a", 3).unwrap();
+        assert_eq!(
+            open_chunk(&keys, &b, &sealed),
+            Err(OpenError::Authentication)
+        );
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        assert_eq!(
+            open_chunk(&keys, &a, &sealed),
+            Err(OpenError::Authentication)
+        );
+        let other = Keys::derive(&MasterSecret::generate());
+        let sealed = seal_chunk(&keys, &a, b"a", 3).unwrap();
+        assert_eq!(
+            open_chunk(&other, &a, &sealed),
+            Err(OpenError::Authentication)
+        );
+        assert!(matches!(
+            open_chunk(&keys, &a, &sealed[..10]),
+            Err(OpenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn blobs_are_bound_to_their_domain() {
+        let keys = Keys::derive(&MasterSecret::generate());
+        let s = seal_blob(&keys, b"d1", b"c", b"secret").unwrap();
+        assert_eq!(open_blob(&keys, b"d1", b"c", &s).unwrap(), b"secret");
+        assert!(open_blob(&keys, b"d2", b"c", &s).is_err());
+        assert!(open_blob(&keys, b"d1", b"x", &s).is_err());
+    }
+}
