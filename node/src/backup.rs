@@ -215,8 +215,9 @@ pub fn backup(
                 failed_files: walker.problems.len() as u64,
                 chunker: params,
             };
-            let bytes = record.to_bytes();
-            let id = walker.ingest_single(bytes)?;
+            // The record travels sealed inside the signed head, not in a pack, so an unchanged
+            // backup adds no pack. Its id is the keyed hash of its encoding.
+            let id = keys.chunk_id(&record.to_bytes());
             Ok((SnapshotId::from(id), record))
         });
         // Close the pipeline and wait for every pack to be durable and indexed.
@@ -631,12 +632,6 @@ impl Walker<'_> {
             Err(IngestError::Read(e)) => Err(NodeError::io("chunking a tree", e)),
             Err(IngestError::Abort(e)) => Err(e),
         }
-    }
-
-    fn ingest_single(&mut self, bytes: Vec<u8>) -> Result<ChunkId, NodeError> {
-        let id = self.keys.chunk_id(&bytes);
-        self.submit(id, bytes)?;
-        Ok(id)
     }
 }
 
