@@ -8,7 +8,7 @@ use crate::exit;
 use crate::output::{self, Reporter, bytes, print_json, time};
 use anyhow::{Context, anyhow};
 use obnam_node::config::Paths;
-use obnam_node::control::Client;
+use obnam_node::control;
 use obnam_protocol::control::{
     BackupRequest, ControlError, Event, InitRequest, LsEntry, LsRequest, Reply, Request,
     RestoreRequest,
@@ -27,23 +27,29 @@ pub struct Failure {
     pub kind: String,
     /// Message.
     pub message: String,
+    /// More fields for the JSON document (e.g. a partial restore's report).
+    pub details: Option<serde_json::Value>,
+}
+
+impl Failure {
+    fn new(kind: &str, message: String) -> Self {
+        Self {
+            kind: kind.into(),
+            message,
+            details: None,
+        }
+    }
 }
 
 impl From<ControlError> for Failure {
     fn from(e: ControlError) -> Self {
-        Self {
-            kind: e.kind,
-            message: e.message,
-        }
+        Self::new(&e.kind, e.message)
     }
 }
 
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
-        Self {
-            kind: "usage".into(),
-            message: format!("{e:#}"),
-        }
+        Self::new("usage", format!("{e:#}"))
     }
 }
 
@@ -55,28 +61,17 @@ fn bytes_of(p: &Path) -> ByteBuf {
     ByteBuf::from(p.as_os_str().as_bytes().to_vec())
 }
 
-async fn call(g: &Global, req: Request, what: &str) -> Result<Reply, Failure> {
-    let paths = Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure {
-        kind: e.kind().into(),
-        message: e.to_string(),
-    })?;
-    let client = Client::connect(&paths, g.data_dir.is_some())
-        .await
-        .map_err(|e| Failure {
-            kind: e.kind().into(),
-            message: e.to_string(),
-        })?;
+fn call(g: &Global, req: Request, what: &str) -> Result<Reply, Failure> {
+    let paths =
+        Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
     let mut reporter = Reporter::new(g.quiet, what);
-    let result = client.request(&req, |ev| reporter.event(ev)).await;
+    let result = control::call(&paths, g.data_dir.is_some(), &req, |ev| reporter.event(ev));
     reporter.finish();
     Ok(result?)
 }
 
 fn unexpected(r: Reply) -> Failure {
-    Failure {
-        kind: "control".into(),
-        message: format!("unexpected reply from the node: {r:?}"),
-    }
+    Failure::new("control", format!("unexpected reply from the node: {r:?}"))
 }
 
 /// Reads a passphrase: from a file, from OBNAM_PASSPHRASE, or from the terminal (twice when
@@ -106,21 +101,21 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {
 }
 
 /// Runs `obnam` and returns its exit code.
-pub async fn run(cli: Cli) -> Result<u8, Failure> {
+pub fn run(cli: Cli) -> Result<u8, Failure> {
     let g = cli.global.clone();
     match cli.command {
-        Command::Init(a) => init(&g, a).await,
-        Command::Id => id(&g).await,
-        Command::Backup(a) => backup(&g, a).await,
-        Command::Snapshots => snapshots(&g).await,
-        Command::Ls(a) => ls(&g, a).await,
-        Command::Restore(a) => restore(&g, a).await,
-        Command::Status => status(&g).await,
-        Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a).await,
+        Command::Init(a) => init(&g, a),
+        Command::Id => id(&g),
+        Command::Backup(a) => backup(&g, a),
+        Command::Snapshots => snapshots(&g),
+        Command::Ls(a) => ls(&g, a),
+        Command::Restore(a) => restore(&g, a),
+        Command::Status => status(&g),
+        Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
     }
 }
 
-async fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
+fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
     let name = match a.name {
         Some(n) => n,
         None => std::env::var("USER")
@@ -133,11 +128,8 @@ async fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
         passphrase,
         weak_ok: a.weak_passphrase_ok,
     });
-    let Reply::Init(r) = call(g, req, "deriving keys").await? else {
-        return Err(Failure {
-            kind: "control".into(),
-            message: "unexpected reply".into(),
-        });
+    let Reply::Init(r) = call(g, req, "deriving keys")? else {
+        return Err(Failure::new("control", "unexpected reply".into()));
     };
     if g.json {
         print_json(&json!({"name": r.name, "owner": r.owner.to_hex()}));
@@ -153,9 +145,9 @@ async fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-async fn check(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
+fn check(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
     let passphrase = passphrase(a.passphrase_file.as_deref(), false)?;
-    match call(g, Request::CheckPassphrase { passphrase }, "checking").await? {
+    match call(g, Request::CheckPassphrase { passphrase }, "checking")? {
         Reply::PassphraseOk { name } => {
             if g.json {
                 print_json(&json!({"ok": true, "name": name}));
@@ -168,8 +160,8 @@ async fn check(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
     }
 }
 
-async fn id(g: &Global) -> Result<u8, Failure> {
-    match call(g, Request::Id, "").await? {
+fn id(g: &Global) -> Result<u8, Failure> {
+    match call(g, Request::Id, "")? {
         Reply::Id(r) => {
             if g.json {
                 print_json(&json!({"peer_id": r.peer_id, "addrs": r.addrs, "ticket": r.ticket}));
@@ -186,7 +178,7 @@ async fn id(g: &Global) -> Result<u8, Failure> {
     }
 }
 
-async fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
+fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
     let mut paths = a.paths.clone();
     if paths.is_empty() {
         let home = std::env::var_os("HOME")
@@ -211,11 +203,8 @@ async fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
         tags: a.tag,
         timeout_secs: a.timeout.map(|d| d.as_secs().max(1)).unwrap_or(0),
     });
-    let Reply::Backup(r) = call(g, req, "backing up").await? else {
-        return Err(Failure {
-            kind: "control".into(),
-            message: "unexpected reply".into(),
-        });
+    let Reply::Backup(r) = call(g, req, "backing up")? else {
+        return Err(Failure::new("control", "unexpected reply".into()));
     };
     if g.json {
         print_json(&json!({
@@ -251,12 +240,9 @@ async fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
     })
 }
 
-async fn snapshots(g: &Global) -> Result<u8, Failure> {
-    let Reply::Snapshots(list) = call(g, Request::Snapshots, "").await? else {
-        return Err(Failure {
-            kind: "control".into(),
-            message: "unexpected reply".into(),
-        });
+fn snapshots(g: &Global) -> Result<u8, Failure> {
+    let Reply::Snapshots(list) = call(g, Request::Snapshots, "")? else {
+        return Err(Failure::new("control", "unexpected reply".into()));
     };
     if g.json {
         let v: Vec<_> = list
@@ -322,54 +308,46 @@ fn mode_string(k: EntryKind, mode: u32) -> String {
     s
 }
 
-async fn ls(g: &Global, a: LsArgs) -> Result<u8, Failure> {
+fn ls(g: &Global, a: LsArgs) -> Result<u8, Failure> {
     let path = a
         .path
         .as_ref()
         .map(|p| abs(p).map(|p| bytes_of(&p)))
         .transpose()?;
-    let paths = Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure {
-        kind: e.kind().into(),
-        message: e.to_string(),
-    })?;
-    let client = Client::connect(&paths, g.data_dir.is_some())
-        .await
-        .map_err(|e| Failure {
-            kind: e.kind().into(),
-            message: e.to_string(),
-        })?;
+    let paths =
+        Paths::resolve(g.data_dir.as_deref()).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
     let mut entries: Vec<LsEntry> = Vec::new();
     let json_mode = g.json;
-    let reply = client
-        .request(
-            &Request::Ls(LsRequest {
-                snapshot: a.snapshot,
-                path,
-            }),
-            |ev| {
-                if let Event::Entry(e) = ev {
-                    if json_mode {
-                        entries.push(e);
+    let reply = control::call(
+        &paths,
+        g.data_dir.is_some(),
+        &Request::Ls(LsRequest {
+            snapshot: a.snapshot,
+            path,
+        }),
+        |ev| {
+            if let Event::Entry(e) = ev {
+                if json_mode {
+                    entries.push(e);
+                } else {
+                    let p = String::from_utf8_lossy(&e.path);
+                    let target = if e.kind == EntryKind::Symlink {
+                        format!(" -> {}", String::from_utf8_lossy(&e.target))
                     } else {
-                        let p = String::from_utf8_lossy(&e.path);
-                        let target = if e.kind == EntryKind::Symlink {
-                            format!(" -> {}", String::from_utf8_lossy(&e.target))
-                        } else {
-                            String::new()
-                        };
-                        println!(
-                            "{} {:>5} {:>5} {:>12} {} {p}{target}",
-                            mode_string(e.kind, e.mode),
-                            e.uid,
-                            e.gid,
-                            e.size,
-                            time(e.mtime_ns)
-                        );
-                    }
+                        String::new()
+                    };
+                    println!(
+                        "{} {:>5} {:>5} {:>12} {} {p}{target}",
+                        mode_string(e.kind, e.mode),
+                        e.uid,
+                        e.gid,
+                        e.size,
+                        time(e.mtime_ns)
+                    );
                 }
-            },
-        )
-        .await?;
+            }
+        },
+    )?;
     if json_mode {
         let v: Vec<_> = entries
             .iter()
@@ -387,7 +365,7 @@ async fn ls(g: &Global, a: LsArgs) -> Result<u8, Failure> {
     }
 }
 
-async fn restore(g: &Global, a: RestoreArgs) -> Result<u8, Failure> {
+fn restore(g: &Global, a: RestoreArgs) -> Result<u8, Failure> {
     let target = bytes_of(&abs(&a.target)?);
     let paths = a
         .path
@@ -400,17 +378,18 @@ async fn restore(g: &Global, a: RestoreArgs) -> Result<u8, Failure> {
         paths,
         force: a.force,
     });
-    let Reply::Restore(r) = call(g, req, "restoring").await? else {
-        return Err(Failure {
-            kind: "control".into(),
-            message: "unexpected reply".into(),
-        });
+    let Reply::Restore(r) = call(g, req, "restoring")? else {
+        return Err(Failure::new("control", "unexpected reply".into()));
     };
+    let doc = json!({
+        "snapshot": r.snapshot.to_hex(), "files": r.files, "dirs": r.dirs, "others": r.others, "bytes": r.bytes,
+        "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
+    });
     if g.json {
-        print_json(&json!({
-            "snapshot": r.snapshot.to_hex(), "files": r.files, "dirs": r.dirs, "others": r.others, "bytes": r.bytes,
-            "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
-        }));
+        // With problems, the one JSON document is the error, carrying the report.
+        if r.problems.is_empty() {
+            print_json(&doc);
+        }
     } else if !g.quiet {
         println!(
             "restored snapshot {}: {} files, {} directories, {} other entries, {} to {}",
@@ -431,19 +410,18 @@ async fn restore(g: &Global, a: RestoreArgs) -> Result<u8, Failure> {
     if r.problems.is_empty() {
         Ok(exit::OK)
     } else {
-        Err(Failure {
-            kind: "restore_incomplete".into(),
-            message: format!("{} entries could not be restored", r.problems.len()),
-        })
+        let mut f = Failure::new(
+            "restore_incomplete",
+            format!("{} entries could not be restored", r.problems.len()),
+        );
+        f.details = Some(doc);
+        Err(f)
     }
 }
 
-async fn status(g: &Global) -> Result<u8, Failure> {
-    let Reply::Status(s) = call(g, Request::Status, "").await? else {
-        return Err(Failure {
-            kind: "control".into(),
-            message: "unexpected reply".into(),
-        });
+fn status(g: &Global) -> Result<u8, Failure> {
+    let Reply::Status(s) = call(g, Request::Status, "")? else {
+        return Err(Failure::new("control", "unexpected reply".into()));
     };
     if g.json {
         print_json(&json!({
@@ -486,6 +464,16 @@ async fn status(g: &Global) -> Result<u8, Failure> {
 
 /// Prints a failure and returns exit code 1.
 pub fn report_failure(g_json: bool, f: &Failure) -> u8 {
-    output::print_error(g_json, &f.kind, &f.message);
+    match (&f.details, g_json) {
+        (Some(serde_json::Value::Object(details)), true) => {
+            let mut doc = details.clone();
+            doc.insert(
+                "error".into(),
+                json!({"kind": f.kind, "message": f.message}),
+            );
+            print_json(&serde_json::Value::Object(doc));
+        }
+        _ => output::print_error(g_json, &f.kind, &f.message),
+    }
     exit::ERROR
 }

@@ -1,1 +1,7 @@
+//! Process-level tests: real `obnam-node` processes driven by the real `obnam` client.
+//! One integration binary (ripgrep style); modules by topic.
 
+mod util;
+
+mod errors;
+mod one_node;

@@ -146,7 +146,7 @@ pub fn backup(
         &req.excludes,
         &files,
         req.exclude_caches,
-        &[repo.paths.data.clone()],
+        std::slice::from_ref(&repo.paths.data),
     )?;
     let keys = Arc::new(owner.keys);
     let started = now_ns();
@@ -197,7 +197,7 @@ pub fn backup(
             problems: Vec::new(),
             last_progress: Instant::now(),
         };
-        let walked = walker.run(&roots).and_then(|root| {
+        let walked = walker.run(&roots).map(|root| {
             let record = SnapshotRecord {
                 time_ns: started,
                 host: nix::unistd::gethostname()
@@ -218,7 +218,7 @@ pub fn backup(
             // The record travels sealed inside the signed head, not in a pack, so an unchanged
             // backup adds no pack. Its id is the keyed hash of its encoding.
             let id = keys.chunk_id(&record.to_bytes());
-            Ok((SnapshotId::from(id), record))
+            (SnapshotId::from(id), record)
         });
         // Close the pipeline and wait for every pack to be durable and indexed.
         walker.jobs = None;
@@ -528,13 +528,13 @@ impl Walker<'_> {
             }
             EntryKind::File => {
                 let key = (meta.dev(), meta.ino());
-                if meta.nlink() > 1 {
-                    if let Some((group, content)) = self.hardlinks.get(&key) {
-                        e.hardlink = Some(*group);
-                        e.content = content.clone();
-                        self.files += 1;
-                        return Ok(Some(e));
-                    }
+                if meta.nlink() > 1
+                    && let Some((group, content)) = self.hardlinks.get(&key)
+                {
+                    e.hardlink = Some(*group);
+                    e.content = content.clone();
+                    self.files += 1;
+                    return Ok(Some(e));
                 }
                 let file = match std::fs::File::open(path) {
                     Ok(f) => f,

@@ -305,6 +305,35 @@ impl Client {
     }
 }
 
+/// Sends one request to the node of `paths` and waits for the reply, on a private runtime.
+/// For synchronous callers (the `obnam` program), which then need no async runtime of their own.
+///
+/// # Errors
+/// [`ControlError`] with kind `not_running` when no node answers, or the node's error.
+pub fn call(
+    paths: &Paths,
+    explicit_data_dir: bool,
+    req: &Request,
+    on_event: impl FnMut(Event),
+) -> Result<Reply, ControlError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ControlError {
+            kind: "io".into(),
+            message: format!("cannot start the client runtime: {e}"),
+        })?;
+    runtime.block_on(async {
+        let client = Client::connect(paths, explicit_data_dir)
+            .await
+            .map_err(|e| ControlError {
+                kind: e.kind().into(),
+                message: e.to_string(),
+            })?;
+        client.request(req, on_event).await
+    })
+}
+
 /// Binds the control socket with mode 0600, replacing a stale socket file.
 ///
 /// # Errors

@@ -29,6 +29,9 @@ pub struct Ready {
     pub data_dir: PathBuf,
 }
 
+/// Called once the node serves.
+pub type OnReady = Box<dyn FnOnce(&Ready) + Send>;
+
 /// Options of `obnam-node start`.
 #[derive(Default)]
 pub struct StartOptions {
@@ -37,7 +40,7 @@ pub struct StartOptions {
     /// `--listen` addresses, replacing the config's.
     pub listen: Vec<String>,
     /// Called once the control socket accepts connections.
-    pub on_ready: Option<Box<dyn FnOnce(&Ready) + Send>>,
+    pub on_ready: Option<OnReady>,
 }
 
 fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
@@ -69,6 +72,19 @@ fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
             e,
         )),
     }
+}
+
+/// Runs the daemon on its own multi-threaded runtime until SIGINT or SIGTERM (for the
+/// `obnam-node` program, which then needs no runtime of its own).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_blocking(opts: StartOptions) -> Result<(), NodeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::io("starting the runtime", e))?;
+    runtime.block_on(run(opts))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.

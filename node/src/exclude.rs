@@ -5,6 +5,7 @@
 //!   - A pattern that starts with `/` matches the whole absolute path (`/home/*/.cache`).
 //!   - A pattern with a `/` elsewhere matches the end of the path (`build/*.o`).
 //!   - A pattern without `/` matches the file name anywhere (`*.log`).
+//!
 //!   A matched directory is skipped with everything below it.
 //! - **Caches** (`--exclude-caches`): a directory that holds a `CACHEDIR.TAG` starting with
 //!   the standard signature is skipped (<https://bford.info/cachedir/>).

@@ -133,10 +133,10 @@ pub fn check_strength(passphrase: &str, name: &str) -> Result<(), NodeError> {
         return Ok(());
     }
     let mut reason = format!("estimated {} guesses", entropy.guesses());
-    if let Some(fb) = entropy.feedback() {
-        if let Some(w) = fb.warning() {
-            reason = format!("{w}; {reason}");
-        }
+    if let Some(fb) = entropy.feedback()
+        && let Some(w) = fb.warning()
+    {
+        reason = format!("{w}; {reason}");
     }
     Err(NodeError::WeakPassphrase { reason })
 }

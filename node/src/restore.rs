@@ -299,13 +299,13 @@ impl Restorer<'_> {
         let io = |what: &str, err: std::io::Error| {
             NodeError::io(format!("{what} {}", path.display()), err)
         };
-        if let Some(group) = e.hardlink {
-            if let Some(first) = self.links.get(&group).cloned() {
-                remove_existing(path).map_err(|err| io("replacing", err))?;
-                std::fs::hard_link(&first, path).map_err(|err| io("linking", err))?;
-                self.report.files += 1;
-                return Ok(());
-            }
+        if let Some(group) = e.hardlink
+            && let Some(first) = self.links.get(&group).cloned()
+        {
+            remove_existing(path).map_err(|err| io("replacing", err))?;
+            std::fs::hard_link(&first, path).map_err(|err| io("linking", err))?;
+            self.report.files += 1;
+            return Ok(());
         }
         match e.kind {
             EntryKind::File => {

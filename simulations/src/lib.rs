@@ -6,6 +6,7 @@
 //! any other multicast or broadcast.
 //!
 //! Used by the process-level tests in `cli/tests/` and by the `demo` binary.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;

@@ -271,7 +271,7 @@ impl Store {
             })?;
             out.push((id, rec));
         }
-        out.sort_by(|a, b| (a.1.time_ns, a.0).cmp(&(b.1.time_ns, b.0)));
+        out.sort_by_key(|(id, r)| (r.time_ns, *id));
         Ok(out)
     }
 

@@ -41,17 +41,7 @@ fn main() -> ExitCode {
             }
         })),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("obnam-node: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(daemon::run(opts)) {
+    match daemon::run_blocking(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json {

@@ -1,0 +1,61 @@
+//! Test fixtures: a started, initialised node in a temporary directory.
+
+use obnam_simulations::{Bins, Node};
+use std::path::{Path, PathBuf};
+
+pub type TestResult = anyhow::Result<()>;
+
+pub fn bins() -> Bins {
+    Bins {
+        obnam: PathBuf::from(env!("CARGO_BIN_EXE_obnam")),
+        node: PathBuf::from(env!("CARGO_BIN_EXE_obnam-node")),
+    }
+}
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub node: Node,
+}
+
+impl Fixture {
+    /// A started node (not initialised) with `config` appended to its config file.
+    pub fn started(config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("obnam-test-").tempdir()?;
+        let mut node = Node::new(&bins(), "node", &dir.path().join("node"), config)?;
+        node.start()?;
+        Ok(Self { dir, node })
+    }
+
+    /// A started, initialised node.
+    pub fn ready() -> anyhow::Result<Self> {
+        let f = Self::started("")?;
+        f.node.init("alice")?;
+        Ok(f)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+/// Where a restore puts `original` under `target`.
+pub fn restored(target: &Path, original: &Path) -> PathBuf {
+    target.join(original.strip_prefix("/").unwrap_or(original))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
