@@ -23,7 +23,7 @@ pub struct Global {
 
 /// obnam: back up to your friends, restore from any of them.
 #[derive(Debug, Parser)]
-#[command(name = "obnam", version, about, long_about = None)]
+#[command(name = "obnam", version)]
 pub struct Cli {
     /// Global flags.
     #[command(flatten)]
@@ -137,7 +137,7 @@ pub struct RestoreArgs {
 
 /// obnam-node: the obnam daemon.
 #[derive(Debug, Parser)]
-#[command(name = "obnam-node", version, about, long_about = None)]
+#[command(name = "obnam-node", version)]
 pub struct NodeCli {
     /// Global flags.
     #[command(flatten)]

@@ -21,3 +21,24 @@ pub mod exit {
     /// The snapshot is saved, but replication to friends is pending.
     pub const PENDING: u8 = 4;
 }
+
+/// Sets up logging to stderr: `default` level, one step more detailed per `-v`, only warnings
+/// with `-q`. `OBNAM_LOG` (an env-filter directive) overrides all of it.
+pub fn init_logging(g: &args::Global, default: &str) {
+    let levels = ["warn", "info", "debug", "trace"];
+    let base = levels.iter().position(|l| *l == default).unwrap_or(0);
+    let level = if g.quiet {
+        "warn"
+    } else {
+        levels[(base + usize::from(g.verbose)).min(levels.len() - 1)]
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OBNAM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "obnam={level},obnam_node={level},obnam_cli={level},warn"
+        ))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

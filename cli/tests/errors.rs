@@ -327,3 +327,85 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() -> TestResult {
     f.node.json(&["status"], 0)?;
     Ok(())
 }
+
+#[test]
+fn a_forced_restore_never_follows_planted_symlinks() -> TestResult {
+    let f = Fixture::ready()?;
+    let src = f.path("src");
+    std::fs::create_dir_all(src.join("sub"))?;
+    std::fs::write(src.join("sub/file"), b"restored content")?;
+    f.node.backup(&[&src], &[], 0)?;
+
+    // (a) A directory on the way is a symlink to somewhere else.
+    let outside = f.path("outside");
+    std::fs::create_dir_all(&outside)?;
+    let target = f.path("target-a");
+    std::fs::create_dir_all(&target)?;
+    let first = src.components().nth(1).unwrap().as_os_str().to_owned();
+    std::os::unix::fs::symlink(&outside, target.join(&first))?;
+    f.node.json(
+        &[
+            "restore",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--force",
+        ],
+        0,
+    )?;
+    assert_eq!(
+        std::fs::read_dir(&outside)?.count(),
+        0,
+        "the restore wrote through a planted symlink"
+    );
+    assert!(
+        !std::fs::symlink_metadata(target.join(&first))?
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read(restored(&target, &src).join("sub/file"))?,
+        b"restored content"
+    );
+
+    // (b) The temporary name of a file being restored is a symlink to a victim file.
+    let victim = f.path("victim");
+    std::fs::write(&victim, b"untouched")?;
+    let target = f.path("target-b");
+    let dir = restored(&target, &src).join("sub");
+    std::fs::create_dir_all(&dir)?;
+    std::os::unix::fs::symlink(&victim, dir.join(".obnam-restore-file"))?;
+    f.node.json(
+        &[
+            "restore",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--force",
+        ],
+        0,
+    )?;
+    assert_eq!(std::fs::read(&victim)?, b"untouched");
+    assert_eq!(std::fs::read(dir.join("file"))?, b"restored content");
+    assert!(!dir.join(".obnam-restore-file").exists());
+    Ok(())
+}
+
+#[test]
+fn an_empty_passphrase_is_refused_even_when_weak_ones_are_allowed() -> TestResult {
+    let f = Fixture::started("")?;
+    let mut cmd = f
+        .node
+        .command(&["init", "--name", "alice", "--weak-passphrase-ok", "--json"]);
+    cmd.env("OBNAM_PASSPHRASE", "");
+    let run = run_with_timeout(cmd, Duration::from_secs(60))?;
+    assert_eq!(run.code, 1);
+    assert_eq!(run.json()?["error"]["kind"], "weak_passphrase");
+    let mut cmd = f
+        .node
+        .command(&["init", "--name", "alice", "--weak-passphrase-ok", "--json"]);
+    cmd.env("OBNAM_PASSPHRASE", "short");
+    let run = run_with_timeout(cmd, Duration::from_secs(60))?;
+    assert_eq!(run.code, 0, "{run:?}");
+    Ok(())
+}

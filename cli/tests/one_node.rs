@@ -4,7 +4,7 @@ use crate::util::{Fixture, TestResult, is_root, noise, restored};
 use obnam_simulations::{compare_trees, shared_bench};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,16 @@ fn awkward_tree(root: &Path) {
         nix::sys::stat::Mode::from_bits_truncate(0o640),
     )
     .unwrap();
+    if is_root() {
+        // A character device like /dev/null (1, 3).
+        nix::sys::stat::mknod(
+            &root.join("null-device"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o620),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
     // Files at and around the chunker's boundaries: min 256 KiB, avg 1 MiB, max 4 MiB.
     for (i, size) in [
         1usize,
@@ -132,7 +142,6 @@ fn awkward_tree_restores_identically() -> TestResult {
     let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
     assert_eq!(ino(out.join("hard/a")), ino(out.join("hard/b")));
     assert_eq!(ino(out.join("hard/a")), ino(out.join("nested/c-elsewhere")));
-    use std::os::unix::fs::FileTypeExt;
     assert!(
         std::fs::symlink_metadata(out.join("fifo"))?
             .file_type()
@@ -146,6 +155,11 @@ fn awkward_tree_restores_identically() -> TestResult {
         std::fs::read_link(out.join("dangling"))?,
         PathBuf::from("does/not/exist")
     );
+    if is_root() {
+        let dev = std::fs::symlink_metadata(out.join("null-device"))?;
+        assert!(dev.file_type().is_char_device());
+        assert_eq!(dev.rdev(), nix::sys::stat::makedev(1, 3));
+    }
 
     // The shared manifest tool agrees (type, mode, size, content, link target, mtime).
     if let Some(bench) = shared_bench() {
@@ -495,5 +509,60 @@ fn a_second_backup_waits_for_the_first_and_says_so() -> TestResult {
     );
     let snaps = f.node.json(&["snapshots"], 0)?;
     assert_eq!(snaps.as_array().unwrap().len(), 2);
+    Ok(())
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn one_file_system_stops_at_mount_points() -> TestResult {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return Ok(());
+    }
+    let f = Fixture::ready()?;
+    let src = f.path("src");
+    write(&src.join("here"), b"same file system");
+    let mnt = src.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &mnt,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )?;
+    let _guard = Mount(mnt.clone());
+    write(&mnt.join("elsewhere"), b"another file system");
+
+    let all = f.node.backup(&[&src], &[], 0)?;
+    assert_eq!(all["files"], 2, "{all}");
+    let one = f.node.backup(&[&src], &["--one-file-system"], 0)?;
+    assert_eq!(one["files"], 1, "{one}");
+    let ls = f.node.json(
+        &[
+            "ls",
+            one["snapshot"].as_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+        0,
+    )?;
+    let paths: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&mnt.to_str().unwrap()),
+        "the mount point itself is kept: {paths:?}"
+    );
+    assert!(!paths.iter().any(|p| p.ends_with("elsewhere")), "{paths:?}");
     Ok(())
 }

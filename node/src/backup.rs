@@ -28,7 +28,7 @@ use crate::repo::{Repo, now_ns};
 use crate::seal::seal_chunk;
 use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
 use obnam_protocol::local::{ChunkLoc, PackRecord};
-use obnam_protocol::pack::PACK_TARGET;
+use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
 use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
 use obnam_protocol::tree::{Entry, EntryKind, Tree};
 use obnam_protocol::{ChunkId, SnapshotId};
@@ -290,7 +290,7 @@ fn packer(
             Err(e) => return fail(e),
         };
         builder.add(chunk.id, &chunk.sealed, chunk.plain_len);
-        if builder.len() >= PACK_TARGET {
+        if builder.len() >= PACK_TARGET || builder.count() >= MAX_PACK_CHUNKS {
             let pack = std::mem::take(&mut builder).finish(keys)?;
             if tx.send(pack).is_err() {
                 // The writer stopped: it recorded its error and set the abort flag.

@@ -162,6 +162,9 @@ async fn dispatch(
                 if init.name.trim().is_empty() {
                     return Err(NodeError::Usage("the owner name must not be empty".into()));
                 }
+                if init.passphrase.is_empty() {
+                    return Err(NodeError::WeakPassphrase { reason: "it is empty".into() });
+                }
                 if !init.weak_ok {
                     keys::check_strength(&init.passphrase, &init.name)?;
                 }
@@ -323,7 +326,9 @@ pub fn call(
             kind: "io".into(),
             message: format!("cannot start the client runtime: {e}"),
         })?;
-    runtime.block_on(async {
+    let started = std::time::Instant::now();
+    tracing::debug!(socket = %paths.socket().display(), "connecting to obnam-node");
+    let result = runtime.block_on(async {
         let client = Client::connect(paths, explicit_data_dir)
             .await
             .map_err(|e| ControlError {
@@ -331,7 +336,13 @@ pub fn call(
                 message: e.to_string(),
             })?;
         client.request(req, on_event).await
-    })
+    });
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        ok = result.is_ok(),
+        "request finished"
+    );
+    result
 }
 
 /// Binds the control socket with mode 0600, replacing a stale socket file.

@@ -50,6 +50,11 @@ impl PackBuilder {
         self.buf.len() as u64
     }
 
+    /// Number of chunks so far.
+    pub fn count(&self) -> usize {
+        self.index.entries.len()
+    }
+
     /// Whether no chunk was added.
     pub fn is_empty(&self) -> bool {
         self.index.entries.is_empty()

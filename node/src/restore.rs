@@ -264,16 +264,10 @@ impl Restorer<'_> {
             match sel {
                 Selection::No => {}
                 Selection::Partly | Selection::All if e.kind == EntryKind::Dir => {
-                    match std::fs::create_dir(&path) {
-                        Ok(()) => {}
-                        Err(err)
-                            if err.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
-                        }
-                        Err(err) => {
-                            self.problem(&path, err);
-                            parts.pop();
-                            continue;
-                        }
+                    if let Err(err) = make_real_dir(&path) {
+                        self.problem(&path, err);
+                        parts.pop();
+                        continue;
                     }
                     // Owner-only access while we fill it in; the real mode comes after the children.
                     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
@@ -368,10 +362,13 @@ impl Restorer<'_> {
         tmp_name.extend_from_slice(&name[..name.len().min(200)]);
         let tmp = path.with_file_name(OsStr::from_bytes(&tmp_name));
         let result = (|| {
+            // A leftover temporary file (or a link planted in its place) is removed, never followed.
+            remove_existing(&tmp)
+                .map_err(|err| NodeError::io(format!("replacing {}", tmp.display()), err))?;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
@@ -426,6 +423,21 @@ impl Restorer<'_> {
         let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
         let t = filetime::FileTime::from_unix_time(secs, nanos);
         filetime::set_symlink_file_times(path, t, t)
+    }
+}
+
+/// Makes `path` a real directory. An existing directory is kept; anything else in the way
+/// (a file, or a symlink, which is never followed) is replaced. Only a `--force` restore can
+/// meet such things, since other restores start from an empty target.
+fn make_real_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            std::fs::remove_file(path)?;
+            std::fs::create_dir(path)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(path),
+        Err(e) => Err(e),
     }
 }
 

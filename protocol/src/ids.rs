@@ -37,7 +37,7 @@ macro_rules! id32 {
             pub fn to_hex(&self) -> String {
                 hex::encode(self.0)
             }
-            /// The first 8 bytes as 16 hex characters, for logs and listings.
+            /// The first 4 bytes as 8 hex characters, for logs and listings.
             pub fn short(&self) -> String {
                 hex::encode(&self.0[..4])
             }

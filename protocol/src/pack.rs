@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 pub const PACK_ALIGN: u64 = 64 * 1024;
 /// A pack is closed once its chunks reach this many bytes.
 pub const PACK_TARGET: u64 = 8 * 1024 * 1024;
+/// A pack is also closed at this many chunks, so its sealed index stays far below
+/// [`MAX_INDEX_LEN`] (an entry encodes in at most 42 bytes).
+pub const MAX_PACK_CHUNKS: usize = 50_000;
 /// The largest pack any node accepts or reads.
 pub const MAX_PACK_LEN: u64 = 32 * 1024 * 1024;
 /// Plaintext length of a trailer: index offset and index length, both u64 little-endian.

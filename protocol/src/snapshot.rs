@@ -299,3 +299,85 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod head_tests {
+    use super::*;
+    use crate::signed::{CONTEXT_TAKEOVER, message};
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn key(b: u8) -> (SigningKey, OwnerId) {
+        let k = SigningKey::from_bytes(&[b; 32]);
+        let id = OwnerId(k.verifying_key().to_bytes());
+        (k, id)
+    }
+
+    fn signed(k: &SigningKey, owner: OwnerId, seq: u64, context: &str) -> SignedHead {
+        let head = Head {
+            owner,
+            seq,
+            prev: Some([9; 32]),
+            sealed_body: vec![1, 2, 3],
+        }
+        .to_bytes();
+        let signature = k.sign(&message(context, &head)).to_bytes().to_vec();
+        SignedHead { head, signature }
+    }
+
+    #[test]
+    fn golden_head_bytes() {
+        let (_, owner) = key(1);
+        let head = Head {
+            owner,
+            seq: 2,
+            prev: None,
+            sealed_body: vec![0xaa],
+        };
+        let mut expected = vec![1u8];
+        expected.extend_from_slice(owner.as_bytes());
+        expected.extend_from_slice(&[2, 0, 1, 0xaa]);
+        assert_eq!(head.to_bytes(), expected);
+    }
+
+    #[test]
+    fn heads_verify_only_for_their_owner_and_context() {
+        let (k, owner) = key(1);
+        let (k2, owner2) = key(2);
+        let good = signed(&k, owner, 5, CONTEXT_HEAD);
+        let (_, head) = SignedHead::verify(&good.to_bytes(), &owner).unwrap();
+        assert_eq!(head.seq, 5);
+        assert_eq!(head.prev, Some([9; 32]));
+
+        // Another owner's key.
+        assert!(matches!(
+            SignedHead::verify(&good.to_bytes(), &owner2),
+            Err(HeadError::WrongOwner { .. })
+        ));
+        // Forged: signed by someone else, claiming to be the owner.
+        let forged = signed(&k2, owner, 5, CONTEXT_HEAD);
+        assert!(matches!(
+            SignedHead::verify(&forged.to_bytes(), &owner),
+            Err(HeadError::Signature(_))
+        ));
+        // Cross-context: a valid signature of another kind of statement.
+        let cross = signed(&k, owner, 5, CONTEXT_TAKEOVER);
+        assert!(matches!(
+            SignedHead::verify(&cross.to_bytes(), &owner),
+            Err(HeadError::Signature(_))
+        ));
+        // Tampered sequence number.
+        let mut tampered = good.clone();
+        let last = tampered.head.len() - 1;
+        tampered.head[last] ^= 1;
+        assert!(SignedHead::verify(&tampered.to_bytes(), &owner).is_err());
+        // Garbage and truncation.
+        assert!(matches!(
+            SignedHead::verify(&[1, 2, 3], &owner),
+            Err(HeadError::Decode(_))
+        ));
+        let bytes = good.to_bytes();
+        assert!(SignedHead::verify(&bytes[..bytes.len() - 1], &owner).is_err());
+        // The chain hash changes with any byte.
+        assert_ne!(good.hash(), forged.hash());
+    }
+}

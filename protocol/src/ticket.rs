@@ -56,7 +56,7 @@ impl Ticket {
     /// Decodes a ticket.
     ///
     /// # Errors
-    /// `Version` for an unknown prefix, `Malformed` for anything that is not a valid ticket.
+    /// `Malformed` for an unknown prefix or anything else that is not a valid ticket.
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         let what = "ticket";
         let text = text.trim();

@@ -412,6 +412,8 @@ fn compare_dir(
             }
         } else if ma.is_dir() {
             compare_dir(&pa, &pb, skip, diffs, count)?;
+        } else if ma.rdev() != mb.rdev() {
+            diffs.push(format!("{}: device number differs", pa.display()));
         }
         if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
             diffs.push(format!("{}: mtime differs", pa.display()));

@@ -7,22 +7,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = NodeCli::parse();
-    let level = if cli.global.quiet {
-        "warn"
-    } else {
-        match cli.global.verbose {
-            0 => "info",
-            1 => "debug",
-            _ => "trace",
-        }
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OBNAM_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("obnam={level},obnam_node={level},warn"))
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    obnam_cli::init_logging(&cli.global, "info");
     let json = cli.global.json;
     let NodeCommand::Start { listen } = cli.command;
     let opts = StartOptions {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    obnam_cli::init_logging(&cli.global, "warn");
     let json = cli.global.json;
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
