@@ -566,3 +566,29 @@ fn one_file_system_stops_at_mount_points() -> TestResult {
     assert!(!paths.iter().any(|p| p.ends_with("elsewhere")), "{paths:?}");
     Ok(())
 }
+
+#[test]
+fn the_nodes_own_data_directory_is_never_backed_up() -> TestResult {
+    let f = Fixture::ready()?;
+    // The fixture's directory holds the node's data directory, its log file and a source tree.
+    write(&f.path("mine/notes.txt"), b"mine");
+    let report = f.node.backup(&[f.dir.path()], &[], 0)?;
+    assert_eq!(report["files"], 2, "notes.txt and node.log only: {report}");
+    let ls = f
+        .node
+        .json(&["ls", "latest", f.dir.path().to_str().unwrap()], 0)?;
+    let data = &f.node.data_dir;
+    let paths: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        !paths.iter().any(|p| Path::new(p).starts_with(data)),
+        "the data directory was backed up: {paths:?}"
+    );
+    assert!(paths.iter().any(|p| p.ends_with("node.log")));
+    assert!(paths.iter().any(|p| p.ends_with("mine/notes.txt")));
+    Ok(())
+}
