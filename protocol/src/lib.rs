@@ -16,6 +16,7 @@
 //! | [`ticket`] | the copy-pasteable ticket that introduces a node to a friend |
 //! | [`local`] | records the node keeps in its own redb index |
 //! | [`control`] | messages between `obnam` and `obnam-node` over the local socket |
+//! | [`msg`] | messages between friends' nodes (exchange and pack streams) |
 //!
 //! ## Goals
 //! - Every layout is versioned, and every change to one fails a golden-bytes test.
@@ -33,6 +34,7 @@ pub mod envelope;
 pub mod ids;
 pub mod keyslot;
 pub mod local;
+pub mod msg;
 pub mod pack;
 pub mod signed;
 pub mod snapshot;

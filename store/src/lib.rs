@@ -19,8 +19,10 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod error;
+pub mod hosted;
 
 pub use error::StoreError;
+pub use hosted::{Binding, HeadOutcome, PutOutcome};
 
 use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, PackRecord};
 use obnam_protocol::snapshot::SnapshotRecord;
@@ -30,7 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 const INDEX: TableDefinition<&[u8; 32], &[u8; CHUNK_LOC_LEN]> = TableDefinition::new("index-0");
-const PACKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("packs-0");
+pub(crate) const PACKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("packs-0");
 const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-0");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-0");
 
@@ -65,7 +67,7 @@ pub struct OutboxUsage {
 /// The node's database. Cheap to clone; all clones share one redb handle.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    pub(crate) db: Arc<Database>,
 }
 
 impl std::fmt::Debug for Store {
@@ -114,6 +116,13 @@ impl Store {
             tx.open_table(INDEX)?;
             tx.open_table(PACKS)?;
             tx.open_table(SNAPSHOTS)?;
+            tx.open_table(hosted::FRIENDS)?;
+            tx.open_table(hosted::OWNERS)?;
+            tx.open_table(hosted::HOSTED)?;
+            tx.open_table(hosted::HEADS)?;
+            tx.open_table(hosted::SLOTS)?;
+            tx.open_multimap_table(hosted::PLACEMENT)?;
+            tx.open_table(hosted::PEER_STATE)?;
             let mut meta = tx.open_table(META)?;
             let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
             match schema {

@@ -1,0 +1,578 @@
+//! The storage role and the friend list.
+//!
+//! | table | key → value |
+//! |---|---|
+//! | `friends-0` | peer id bytes → [`Friend`] |
+//! | `owners-0` | owner id → [`HostedOwner`] (the bound node, bytes used) |
+//! | `hosted-0` | owner id ‖ pack id → pack length (the body is a file beside the database) |
+//! | `heads-0` | owner id → sequence (u64 LE) ‖ signed head |
+//! | `slots-0` | lookup id → owner id ‖ key slot |
+//! | `placement-0` | pack id →→ peer id bytes (multimap: friends holding our pack) |
+//! | `peer-state-0` | peer id bytes → [`PeerState`] (what we sent that friend) |
+//!
+//! Quota is counted in logical bytes (pack lengths) and checked in the same write transaction
+//! that records the pack.
+
+use crate::{Store, StoreError};
+use obnam_protocol::local::{Friend, HostedOwner, PeerState};
+use obnam_protocol::{LookupId, OwnerId, PackId};
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    TableDefinition,
+};
+
+pub(crate) const FRIENDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("friends-0");
+pub(crate) const OWNERS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("owners-0");
+pub(crate) const HOSTED: TableDefinition<&[u8; 64], u64> = TableDefinition::new("hosted-0");
+pub(crate) const HEADS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("heads-0");
+pub(crate) const SLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("slots-0");
+pub(crate) const PLACEMENT: MultimapTableDefinition<&[u8; 32], &[u8]> =
+    MultimapTableDefinition::new("placement-0");
+pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer-state-0");
+
+fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) -> StoreError {
+    move |source| StoreError::Corrupt { what, source }
+}
+
+fn hosted_key(owner: &OwnerId, pack: &PackId) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(owner.as_bytes());
+    k[32..].copy_from_slice(pack.as_bytes());
+    k
+}
+
+/// The result of binding an owner to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// Newly bound, or already bound to this node.
+    Bound,
+    /// Bound to another node (its peer id bytes).
+    Elsewhere(Vec<u8>),
+}
+
+/// The result of storing a hosted pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored now.
+    Stored,
+    /// Already stored: nothing changed.
+    AlreadyHad,
+    /// Refused: the quota would be exceeded; `available` bytes are left.
+    QuotaExceeded {
+        /// Bytes left under the quota.
+        available: u64,
+    },
+    /// Refused: the owner is not bound to a friend of ours.
+    NoQuota,
+}
+
+/// The result of storing a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadOutcome {
+    /// Stored (or the same head again).
+    Stored,
+    /// Refused: not newer than the stored head with this sequence number.
+    Stale {
+        /// The stored sequence number.
+        stored: u64,
+    },
+}
+
+impl Store {
+    /// Adds or replaces a friend.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_friend(&self, friend: &Friend) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(FRIENDS)?
+            .insert(friend.peer_id.as_slice(), friend.to_bytes().as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a friend; returns whether it was one.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn remove_friend(&self, peer: &[u8]) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        let existed = tx.open_table(FRIENDS)?.remove(peer)?.is_some();
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// A friend by peer id bytes.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn friend(&self, peer: &[u8]) -> Result<Option<Friend>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(FRIENDS)?;
+        match t.get(peer)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                Friend::from_bytes(v.value()).map_err(corrupt("friend record".into()))?,
+            )),
+        }
+    }
+
+    /// Every friend.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn friends(&self) -> Result<Vec<Friend>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(FRIENDS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(Friend::from_bytes(v.value()).map_err(corrupt("friend record".into()))?);
+        }
+        Ok(out)
+    }
+
+    /// Binds an owner to the node that proved its key, unless it is bound to another node.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn bind_owner(&self, owner: &OwnerId, peer: &[u8]) -> Result<Binding, StoreError> {
+        let tx = self.db.begin_write()?;
+        let outcome = {
+            let mut t = tx.open_table(OWNERS)?;
+            let existing = match t.get(owner.as_bytes())? {
+                Some(v) => Some(
+                    HostedOwner::from_bytes(v.value())
+                        .map_err(corrupt(format!("owner {owner}")))?,
+                ),
+                None => None,
+            };
+            match existing {
+                Some(rec) if rec.bound_peer != peer => Binding::Elsewhere(rec.bound_peer),
+                Some(_) => Binding::Bound,
+                None => {
+                    let rec = HostedOwner {
+                        bound_peer: peer.to_vec(),
+                        used: 0,
+                        packs: 0,
+                    };
+                    t.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
+                    Binding::Bound
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// A hosted owner's record.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn hosted_owner(&self, owner: &OwnerId) -> Result<Option<HostedOwner>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OWNERS)?;
+        match t.get(owner.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {owner}")))?,
+            )),
+        }
+    }
+
+    /// Every hosted owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn hosted_owners(&self) -> Result<Vec<(OwnerId, HostedOwner)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OWNERS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let id = OwnerId(*k.value());
+            out.push((
+                id,
+                HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {id}")))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Whether we host this pack of this owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn has_hosted(&self, owner: &OwnerId, pack: &PackId) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(HOSTED)?
+            .get(&hosted_key(owner, pack))?
+            .map(|v| v.value()))
+    }
+
+    /// Bytes still available to an owner: the quota granted to the friend it is bound to, less
+    /// what it uses. `None` when the owner is not bound to a friend.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn available(&self, owner: &OwnerId) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(rec) = self.hosted_owner(owner)? else {
+            return Ok(None);
+        };
+        let Some(friend) = self.friend(&rec.bound_peer)? else {
+            return Ok(None);
+        };
+        Ok(Some((friend.quota_given, rec.used)))
+    }
+
+    /// Records a hosted pack whose body is already durable in its file, checking the quota in
+    /// the same transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn commit_hosted(
+        &self,
+        owner: &OwnerId,
+        pack: &PackId,
+        len: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        let tx = self.db.begin_write()?;
+        let outcome = {
+            let mut hosted = tx.open_table(HOSTED)?;
+            let key = hosted_key(owner, pack);
+            if hosted.get(&key)?.is_some() {
+                PutOutcome::AlreadyHad
+            } else {
+                let mut owners = tx.open_table(OWNERS)?;
+                let rec = match owners.get(owner.as_bytes())? {
+                    Some(v) => Some(
+                        HostedOwner::from_bytes(v.value())
+                            .map_err(corrupt(format!("owner {owner}")))?,
+                    ),
+                    None => None,
+                };
+                let friend = match &rec {
+                    Some(r) => match tx.open_table(FRIENDS)?.get(r.bound_peer.as_slice())? {
+                        Some(v) => Some(
+                            Friend::from_bytes(v.value())
+                                .map_err(corrupt("friend record".into()))?,
+                        ),
+                        None => None,
+                    },
+                    None => None,
+                };
+                match (rec, friend) {
+                    (Some(mut rec), Some(friend)) => {
+                        if rec.used.saturating_add(len) > friend.quota_given {
+                            PutOutcome::QuotaExceeded {
+                                available: friend.quota_given.saturating_sub(rec.used),
+                            }
+                        } else {
+                            rec.used += len;
+                            rec.packs += 1;
+                            owners.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
+                            hosted.insert(&key, len)?;
+                            PutOutcome::Stored
+                        }
+                    }
+                    _ => PutOutcome::NoQuota,
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Stores an owner's head if its sequence number is above the stored one (or it is the same
+    /// head).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_head(
+        &self,
+        owner: &OwnerId,
+        seq: u64,
+        head: &[u8],
+    ) -> Result<HeadOutcome, StoreError> {
+        let tx = self.db.begin_write()?;
+        let outcome = {
+            let mut t = tx.open_table(HEADS)?;
+            let stored = t.get(owner.as_bytes())?.map(|v| {
+                let b = v.value();
+                let mut s = [0u8; 8];
+                s.copy_from_slice(&b[..8.min(b.len())]);
+                (
+                    u64::from_le_bytes(s),
+                    b.get(8..).unwrap_or_default().to_vec(),
+                )
+            });
+            match stored {
+                Some((s, bytes)) if s > seq || (s == seq && bytes != head) => {
+                    HeadOutcome::Stale { stored: s }
+                }
+                _ => {
+                    let mut v = seq.to_le_bytes().to_vec();
+                    v.extend_from_slice(head);
+                    t.insert(owner.as_bytes(), v.as_slice())?;
+                    HeadOutcome::Stored
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// An owner's stored head and its sequence number.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn get_head(&self, owner: &OwnerId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HEADS)?;
+        Ok(t.get(owner.as_bytes())?.map(|v| {
+            let b = v.value();
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&b[..8.min(b.len())]);
+            (
+                u64::from_le_bytes(s),
+                b.get(8..).unwrap_or_default().to_vec(),
+            )
+        }))
+    }
+
+    /// Files an owner's key slot under its lookup id, replacing any older slot of that owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_slot(
+        &self,
+        owner: &OwnerId,
+        lookup: &LookupId,
+        slot: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(SLOTS)?;
+            let mut stale = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                if v.value().get(..32) == Some(owner.as_bytes().as_slice())
+                    && k.value() != lookup.as_bytes()
+                {
+                    stale.push(*k.value());
+                }
+            }
+            for k in stale {
+                t.remove(&k)?;
+            }
+            let mut v = owner.as_bytes().to_vec();
+            v.extend_from_slice(slot);
+            t.insert(lookup.as_bytes(), v.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The key slot filed under a lookup id, with its owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn get_slot(&self, lookup: &LookupId) -> Result<Option<(OwnerId, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SLOTS)?;
+        Ok(t.get(lookup.as_bytes())?.and_then(|v| {
+            let b = v.value();
+            let owner: [u8; 32] = b.get(..32)?.try_into().ok()?;
+            Some((OwnerId(owner), b[32..].to_vec()))
+        }))
+    }
+
+    /// Records that a friend holds one of our packs.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn add_placement(&self, pack: &PackId, peer: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_multimap_table(PLACEMENT)?
+            .insert(pack.as_bytes(), peer)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The friends known to hold one of our packs.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn holders(&self, pack: &PackId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_multimap_table(PLACEMENT)?;
+        let mut out = Vec::new();
+        for v in t.get(pack.as_bytes())? {
+            out.push(v?.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Marks one of our packs as no longer in the outbox (its file is about to be removed).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn mark_sent(&self, pack: &PackId) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.pack(pack)? {
+            rec.in_outbox = false;
+            let tx = self.db.begin_write()?;
+            tx.open_table(crate::PACKS)?
+                .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// What we sent a friend.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn peer_state(&self, peer: &[u8]) -> Result<PeerState, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PEER_STATE)?;
+        match t.get(peer)? {
+            None => Ok(PeerState::default()),
+            Some(v) => PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into())),
+        }
+    }
+
+    /// Updates what we sent a friend.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn update_peer_state(
+        &self,
+        peer: &[u8],
+        f: impl FnOnce(&mut PeerState),
+    ) -> Result<PeerState, StoreError> {
+        let tx = self.db.begin_write()?;
+        let state = {
+            let mut t = tx.open_table(PEER_STATE)?;
+            let mut state = match t.get(peer)? {
+                None => PeerState::default(),
+                Some(v) => {
+                    PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into()))?
+                }
+            };
+            f(&mut state);
+            t.insert(peer, state.to_bytes().as_slice())?;
+            state
+        };
+        tx.commit()?;
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn friend(peer: u8, quota: u64) -> Friend {
+        Friend {
+            peer_id: vec![peer],
+            name: "f".into(),
+            household: String::new(),
+            addrs: vec![],
+            quota_given: quota,
+            added_ns: 0,
+        }
+    }
+
+    fn quota_is_enforced_in_the_write(store: &Store) -> TestResult {
+        let owner = OwnerId([1; 32]);
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([1; 32]), 10)?,
+            PutOutcome::NoQuota
+        );
+        store.put_friend(&friend(7, 100))?;
+        assert_eq!(store.bind_owner(&owner, &[7])?, Binding::Bound);
+        assert_eq!(store.bind_owner(&owner, &[7])?, Binding::Bound);
+        assert_eq!(store.bind_owner(&owner, &[8])?, Binding::Elsewhere(vec![7]));
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([1; 32]), 60)?,
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([1; 32]), 60)?,
+            PutOutcome::AlreadyHad
+        );
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([2; 32]), 50)?,
+            PutOutcome::QuotaExceeded { available: 40 }
+        );
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([2; 32]), 40)?,
+            PutOutcome::Stored
+        );
+        assert_eq!(store.available(&owner)?, Some((100, 100)));
+        assert_eq!(store.has_hosted(&owner, &PackId([2; 32]))?, Some(40));
+        assert_eq!(store.hosted_owner(&owner)?.map(|o| o.packs), Some(2));
+        Ok(())
+    }
+
+    fn heads_only_move_forward(store: &Store) -> TestResult {
+        let owner = OwnerId([1; 32]);
+        assert_eq!(store.put_head(&owner, 2, b"two")?, HeadOutcome::Stored);
+        assert_eq!(
+            store.put_head(&owner, 2, b"two")?,
+            HeadOutcome::Stored,
+            "the same head again is fine"
+        );
+        assert_eq!(
+            store.put_head(&owner, 2, b"fork")?,
+            HeadOutcome::Stale { stored: 2 }
+        );
+        assert_eq!(
+            store.put_head(&owner, 1, b"one")?,
+            HeadOutcome::Stale { stored: 2 }
+        );
+        assert_eq!(store.put_head(&owner, 3, b"three")?, HeadOutcome::Stored);
+        assert_eq!(store.get_head(&owner)?, Some((3, b"three".to_vec())));
+        Ok(())
+    }
+
+    fn slots_replace_older_ones(store: &Store) -> TestResult {
+        let owner = OwnerId([1; 32]);
+        store.put_slot(&owner, &LookupId([1; 32]), b"old")?;
+        store.put_slot(&owner, &LookupId([2; 32]), b"new")?;
+        assert_eq!(store.get_slot(&LookupId([1; 32]))?, None);
+        assert_eq!(
+            store.get_slot(&LookupId([2; 32]))?,
+            Some((owner, b"new".to_vec()))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn storage_role_mem() -> TestResult {
+        let s = Store::in_memory()?;
+        quota_is_enforced_in_the_write(&s)?;
+        heads_only_move_forward(&s)?;
+        slots_replace_older_ones(&s)
+    }
+
+    #[test]
+    fn storage_role_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let s = Store::open(&dir.path().join("s.redb"), &crate::StoreOptions::default())?;
+        quota_is_enforced_in_the_write(&s)?;
+        heads_only_move_forward(&s)?;
+        slots_replace_older_ones(&s)?;
+        s.add_placement(&PackId([5; 32]), &[1])?;
+        s.add_placement(&PackId([5; 32]), &[2])?;
+        s.add_placement(&PackId([5; 32]), &[1])?;
+        assert_eq!(s.holders(&PackId([5; 32]))?, vec![vec![1], vec![2]]);
+        s.update_peer_state(&[1], |p| p.head_seq = 4)?;
+        assert_eq!(s.peer_state(&[1])?.head_seq, 4);
+        assert!(s.remove_friend(&[7])?);
+        Ok(())
+    }
+}
