@@ -53,6 +53,53 @@ pub enum Command {
     /// Passphrase operations.
     #[command(subcommand)]
     Passphrase(PassphraseCommand),
+    /// Friends: the nodes that store your backups, and whose backups you store.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+/// `obnam peer`.
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Make a node a friend (both sides must add each other before data moves).
+    Add(PeerAddArgs),
+    /// List friends.
+    List,
+    /// Stop being friends with a node.
+    Remove {
+        /// Its peer id.
+        peer_id: String,
+    },
+}
+
+/// `obnam peer add`.
+#[derive(Debug, Args)]
+pub struct PeerAddArgs {
+    /// The friend's ticket (from `obnam id`), or its bare peer id with --addr.
+    pub who: String,
+    /// An address of the friend (repeatable), e.g. /ip4/192.0.2.7/tcp/4411.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub addr: Vec<String>,
+    /// Space you grant this friend on your disk, e.g. 50GiB (default: the config's default_quota).
+    #[arg(long, value_parser = parse_size)]
+    pub quota: Option<u64>,
+    /// A name for the friend.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The friend's household: replicas prefer friends in different households.
+    #[arg(long)]
+    pub household: Option<String>,
+}
+
+/// Parses sizes such as `500MB`, `50GiB`, `1T` or a plain number of bytes.
+///
+/// # Errors
+/// A message naming the bad size.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size like 50GiB: {e}"))
 }
 
 /// `obnam init`.

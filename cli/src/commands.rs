@@ -2,7 +2,7 @@
 
 use crate::args::{
     BackupArgs, Cli, Command, Global, InitArgs, LsArgs, PassphraseArgs, PassphraseCommand,
-    RestoreArgs,
+    PeerAddArgs, PeerCommand, RestoreArgs,
 };
 use crate::exit;
 use crate::output::{self, Reporter, bytes, print_json, time};
@@ -112,6 +112,9 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Restore(a) => restore(&g, a),
         Command::Status => status(&g),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
+        Command::Peer(PeerCommand::Add(a)) => peer_add(&g, a),
+        Command::Peer(PeerCommand::List) => peer_list(&g),
+        Command::Peer(PeerCommand::Remove { peer_id }) => peer_remove(&g, peer_id),
     }
 }
 
@@ -215,6 +218,8 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
             "new_bytes": r.new_bytes,
             "stored_bytes": r.stored_bytes,
             "replicas": r.replicas,
+            "sent_bytes": r.sent_bytes,
+            "pending": r.pending,
             "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
         }));
     } else if !g.quiet {
@@ -232,8 +237,23 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
                 r.failed_files
             );
         }
+        if r.replicas > 0 || !r.pending.is_empty() {
+            println!(
+                "{} friends hold the snapshot ({} sent)",
+                r.replicas,
+                bytes(r.sent_bytes)
+            );
+        }
+        if !r.pending.is_empty() {
+            println!("replication is pending; obnam-node goes on in the background:");
+            for p in &r.pending {
+                println!("  waiting for {p}");
+            }
+        }
     }
-    Ok(if r.failed_files > 0 {
+    Ok(if !r.pending.is_empty() {
+        exit::PENDING
+    } else if r.failed_files > 0 {
         exit::PARTIAL
     } else {
         exit::OK
@@ -428,7 +448,9 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "data_dir": s.data_dir, "peer_id": s.peer_id, "owner_name": s.owner_name,
             "snapshots": s.snapshots, "last_backup": s.last_backup_ns.map(time),
             "outbox_packs": s.outbox_packs, "outbox_bytes": s.outbox_bytes, "outbox_max_bytes": s.outbox_max_bytes,
-            "backup_running": s.backup_running, "friends": s.friends,
+            "backup_running": s.backup_running, "friends": s.friends, "friends_online": s.friends_online,
+            "replicas": s.replicas, "replicated_to": s.replicated_to, "under_replicated": s.under_replicated,
+            "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
         }));
     } else {
         println!("data directory: {}", s.data_dir);
@@ -455,8 +477,27 @@ fn status(g: &Global) -> Result<u8, Failure> {
             if s.backup_running { "yes" } else { "no" }
         );
         println!(
-            "friends:        {} (friends arrive with the next release; backups stay local)",
-            s.friends
+            "friends:        {} ({} online)",
+            s.friends, s.friends_online
+        );
+        println!(
+            "replication:    {} of {} replicas hold everything{}",
+            s.replicated_to,
+            s.replicas,
+            if s.under_replicated {
+                " (UNDER-REPLICATED)"
+            } else {
+                ""
+            }
+        );
+        for w in &s.waiting {
+            println!("                waiting for {w}");
+        }
+        println!("bytes waiting:  {} in the outbox", bytes(s.outbox_bytes));
+        println!(
+            "hosting:        {} for {} owners",
+            bytes(s.hosted_bytes),
+            s.hosted_owners
         );
     }
     Ok(exit::OK)
@@ -476,4 +517,91 @@ pub fn report_failure(g_json: bool, f: &Failure) -> u8 {
         _ => output::print_error(g_json, &f.kind, &f.message),
     }
     exit::ERROR
+}
+
+fn peer_json(p: &obnam_protocol::control::PeerInfo) -> serde_json::Value {
+    json!({
+        "peer_id": p.peer_id, "name": p.name, "household": p.household, "online": p.online,
+        "addrs": p.addrs, "quota_given": p.quota_given, "used_by_them": p.used_by_them,
+        "used_by_us": p.used_by_us, "holds_slot": p.holds_slot, "last_error": p.last_error,
+    })
+}
+
+fn peer_add(g: &Global, a: PeerAddArgs) -> Result<u8, Failure> {
+    let req = Request::PeerAdd(obnam_protocol::control::PeerAddRequest {
+        who: a.who,
+        addrs: a.addr,
+        quota: a.quota,
+        name: a.name,
+        household: a.household,
+    });
+    match call(g, req, "")? {
+        Reply::PeerAdded(p) => {
+            if g.json {
+                print_json(&peer_json(&p));
+            } else {
+                println!(
+                    "{} ({}) is now a friend, with {} of quota.",
+                    p.name,
+                    p.peer_id,
+                    bytes(p.quota_given)
+                );
+                println!(
+                    "Data moves once they add this node too: they run `obnam peer add <your ticket>` (see `obnam id`)."
+                );
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+fn peer_list(g: &Global) -> Result<u8, Failure> {
+    match call(g, Request::PeerList, "")? {
+        Reply::Peers(list) => {
+            if g.json {
+                print_json(&json!(list.iter().map(peer_json).collect::<Vec<_>>()));
+            } else if list.is_empty() {
+                println!("no friends yet: `obnam peer add <ticket>`");
+            } else {
+                println!(
+                    "{:<16} {:<10} {:<7} {:>10} {:>10} {:>10}  peer id",
+                    "name", "household", "online", "quota", "theirs", "ours"
+                );
+                for p in &list {
+                    println!(
+                        "{:<16} {:<10} {:<7} {:>10} {:>10} {:>10}  {}",
+                        p.name,
+                        p.household,
+                        if p.online { "yes" } else { "no" },
+                        bytes(p.quota_given),
+                        bytes(p.used_by_them),
+                        bytes(p.used_by_us),
+                        p.peer_id
+                    );
+                    if let Some(e) = &p.last_error {
+                        println!("    last problem: {e}");
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+fn peer_remove(g: &Global, peer_id: String) -> Result<u8, Failure> {
+    match call(g, Request::PeerRemove { peer_id }, "")? {
+        Reply::PeerRemoved { peer_id } => {
+            if g.json {
+                print_json(&json!({"removed": peer_id}));
+            } else {
+                println!(
+                    "{peer_id} is no longer a friend. The data stored for it stays until you delete it."
+                );
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
 }

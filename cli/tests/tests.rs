@@ -4,4 +4,5 @@
 mod util;
 
 mod errors;
+mod friends;
 mod one_node;

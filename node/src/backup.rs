@@ -234,7 +234,7 @@ pub fn backup(
             (Ok(done), Ok(()), Ok(stored)) => (done, stored),
         };
         let ((id, record), stored_bytes) = stored_bytes;
-        repo.commit_snapshot(&keys, id, &record)?;
+        let head_seq = repo.commit_snapshot(&keys, id, &record)?;
         tracing::info!(snapshot = %id, files = record.files, bytes = record.bytes, new_bytes = walker.new_bytes, stored_bytes, "backup done");
         Ok(BackupReport {
             snapshot: id,
@@ -245,6 +245,9 @@ pub fn backup(
             stored_bytes,
             replicas: 0,
             problems: std::mem::take(&mut walker.problems),
+            sent_bytes: 0,
+            head_seq,
+            pending: Vec::new(),
         })
     })
 }

@@ -32,6 +32,14 @@ pub struct NodeConfig {
     pub db_cache_mib: usize,
     /// Enable mDNS discovery (off: it sends multicast on the LAN).
     pub mdns: bool,
+    /// Friends that hold every pack and head of this owner.
+    pub replicas: u32,
+    /// Seconds between replication rounds (a round also runs after a backup and on connect).
+    pub replication_interval_secs: u64,
+    /// Seconds one request to a friend may take.
+    pub request_timeout_secs: u64,
+    /// Bytes granted to a new friend unless `peer add --quota` says otherwise.
+    pub default_quota: u64,
 }
 
 impl Default for NodeConfig {
@@ -46,6 +54,10 @@ impl Default for NodeConfig {
             replication_timeout_secs: 60,
             db_cache_mib: 64,
             mdns: false,
+            replicas: 3,
+            replication_interval_secs: 30,
+            request_timeout_secs: 60,
+            default_quota: 10 * 1024 * 1024 * 1024,
         }
     }
 }

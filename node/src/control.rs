@@ -10,7 +10,8 @@ use crate::backup::{self, Events};
 use crate::config::Paths;
 use crate::error::NodeError;
 use crate::keys;
-use crate::net::NetInfo;
+use crate::net::Net;
+use crate::replication::Replicator;
 use crate::repo::Repo;
 use crate::restore;
 use obnam_protocol::control::{
@@ -31,7 +32,9 @@ pub struct Daemon {
     /// The repository.
     pub repo: Repo,
     /// The network.
-    pub net: NetInfo,
+    pub net: Net,
+    /// The replication actor.
+    pub replicator: Arc<Replicator>,
     /// Held by the running backup.
     pub backup_lock: Mutex<()>,
 }
@@ -188,8 +191,11 @@ async fn dispatch(
                     daemon.backup_lock.lock().await
                 }
             };
-            let events = ChanEvents(tx);
-            blocking(move || backup::backup(&repo, &req, &events).map(Reply::Backup)).await
+            let timeout = if req.timeout_secs > 0 { req.timeout_secs } else { repo.config.replication_timeout_secs };
+            let events = ChanEvents(tx.clone());
+            let backup_repo = repo.clone();
+            let report = blocking(move || backup::backup(&backup_repo, &req, &events)).await?;
+            wait_for_replicas(daemon, report, timeout, &tx).await.map(Reply::Backup)
         }
         Request::Snapshots => blocking(move || {
             repo.owner()?;
@@ -218,9 +224,31 @@ async fn dispatch(
             let events = ChanEvents(tx);
             blocking(move || restore::restore(&repo, &req, &events).map(Reply::Restore)).await
         }
+        Request::PeerAdd(req) => peer_add(daemon, req).await,
+        Request::PeerList => {
+            let d = Arc::clone(daemon);
+            blocking(move || {
+                let mut out = Vec::new();
+                for f in d.repo.store.friends()? {
+                    out.push(peer_info(&d, &f)?);
+                }
+                Ok(Reply::Peers(out))
+            })
+            .await
+        }
+        Request::PeerRemove { peer_id } => {
+            let peer: libp2p::PeerId = peer_id.parse().map_err(|_| NodeError::Usage(format!("{peer_id:?} is not a peer id")))?;
+            if !repo.store.remove_friend(&peer.to_bytes())? {
+                return Err(NodeError::Usage(format!("{peer} is not a friend")));
+            }
+            tracing::info!(%peer, "friend removed");
+            daemon.replicator.wake();
+            Ok(Reply::PeerRemoved { peer_id: peer.to_string() })
+        }
         Request::Status => {
             let running = daemon.backup_lock.try_lock().is_err();
             let peer_id = daemon.net.peer_id.to_string();
+            let d = Arc::clone(daemon);
             blocking(move || {
                 let owner_name = match keys::load_secrets(&repo.paths.secrets()) {
                     Ok(s) => Some(s.name.clone()),
@@ -229,6 +257,14 @@ async fn dispatch(
                 };
                 let snaps = repo.store.snapshots()?;
                 let usage = repo.store.outbox_usage()?;
+                let friends = repo.store.friends()?;
+                let online = friends
+                    .iter()
+                    .filter(|f| libp2p::PeerId::from_bytes(&f.peer_id).is_ok_and(|p| d.net.is_connected(&p)))
+                    .count() as u64;
+                let seq = current_seq(&repo)?;
+                let health = d.replicator.health(seq)?;
+                let hosted = repo.store.hosted_owners()?;
                 Ok(Reply::Status(StatusReply {
                     data_dir: repo.paths.data.display().to_string(),
                     peer_id,
@@ -239,12 +275,199 @@ async fn dispatch(
                     outbox_bytes: usage.bytes,
                     outbox_max_bytes: repo.config.outbox_max_bytes,
                     backup_running: running,
-                    friends: 0,
+                    friends: friends.len() as u64,
+                    friends_online: online,
+                    replicas: health.replicas,
+                    replicated_to: health.holders,
+                    under_replicated: health.holders < health.replicas,
+                    waiting: health.waiting,
+                    hosted_owners: hosted.len() as u64,
+                    hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
                 }))
             })
             .await
         }
     }
+}
+
+fn current_seq(repo: &Repo) -> Result<u64, NodeError> {
+    let Some(head) = repo.store.own_head()? else {
+        return Ok(0);
+    };
+    let owner = match repo.owner() {
+        Ok(o) => o,
+        Err(NodeError::NotInitialized) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    obnam_protocol::snapshot::SignedHead::verify(&head, &owner.keys.owner_id())
+        .map(|(_, h)| h.seq)
+        .map_err(|e| NodeError::Authentication {
+            what: format!("own head: {e}"),
+        })
+}
+
+/// After a backup: waits until the replica set holds the snapshot's packs and head, or until
+/// nothing moved for `timeout_secs`; then the report says what is still waiting.
+async fn wait_for_replicas(
+    daemon: &Arc<Daemon>,
+    mut report: obnam_protocol::control::BackupReport,
+    timeout_secs: u64,
+    tx: &mpsc::Sender<Event>,
+) -> Result<obnam_protocol::control::BackupReport, NodeError> {
+    let sent_before = daemon.replicator.sent_bytes();
+    let mut progress = daemon.replicator.subscribe();
+    daemon.replicator.wake();
+    let seq = report.head_seq;
+    let mut told = false;
+    loop {
+        let r = Arc::clone(&daemon.replicator);
+        let (health, friends) = blocking(move || Ok((r.health(seq)?, r.friend_count()?))).await?;
+        report.replicas = health.holders;
+        if friends == 0 {
+            break;
+        }
+        if health.target > 0 && health.holders >= health.target {
+            report.pending.clear();
+            break;
+        }
+        if !told {
+            told = true;
+            let _ = tx
+                .send(Event::Notice(format!(
+                    "waiting for {} friends to hold the snapshot",
+                    health.target.max(1)
+                )))
+                .await;
+        }
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(timeout_secs.max(1)),
+            progress.changed(),
+        )
+        .await
+        {
+            Ok(Ok(())) => continue,
+            _ => {
+                report.pending = if health.waiting.is_empty() {
+                    vec![
+                        "no friend accepts our packs (all refused for quota, or none reachable)"
+                            .into(),
+                    ]
+                } else {
+                    health.waiting
+                };
+                break;
+            }
+        }
+    }
+    report.sent_bytes = daemon.replicator.sent_bytes().saturating_sub(sent_before);
+    Ok(report)
+}
+
+async fn peer_add(
+    daemon: &Arc<Daemon>,
+    req: obnam_protocol::control::PeerAddRequest,
+) -> Result<Reply, NodeError> {
+    use libp2p::{Multiaddr, PeerId};
+    let who = req.who.trim();
+    let (peer, mut addrs): (PeerId, Vec<Multiaddr>) = if who
+        .starts_with(obnam_protocol::ticket::PREFIX_V1)
+    {
+        let t = Ticket::decode(who).map_err(|e| NodeError::Usage(format!("bad ticket: {e}")))?;
+        (t.peer_id, t.addrs)
+    } else {
+        let p = who.parse().map_err(|_| {
+            NodeError::Usage(format!(
+                "{who:?} is neither a ticket (obnam1…) nor a peer id"
+            ))
+        })?;
+        (p, Vec::new())
+    };
+    for a in &req.addrs {
+        addrs.push(
+            a.parse()
+                .map_err(|e| NodeError::Usage(format!("address {a:?}: {e}")))?,
+        );
+    }
+    if peer == daemon.net.peer_id {
+        return Err(NodeError::Usage("that is this node's own peer id".into()));
+    }
+    let d = Arc::clone(daemon);
+    let dial = addrs.clone();
+    let info = blocking(move || {
+        let store = &d.repo.store;
+        let existing = store.friend(&peer.to_bytes())?;
+        let short = peer.to_string();
+        let friend = obnam_protocol::local::Friend {
+            peer_id: peer.to_bytes(),
+            name: req
+                .name
+                .clone()
+                .or_else(|| existing.as_ref().map(|f| f.name.clone()))
+                .unwrap_or_else(|| format!("friend-{}", &short[short.len().saturating_sub(6)..])),
+            household: req
+                .household
+                .clone()
+                .or_else(|| existing.as_ref().map(|f| f.household.clone()))
+                .unwrap_or_default(),
+            addrs: addrs
+                .iter()
+                .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
+                .collect(),
+            quota_given: req
+                .quota
+                .or_else(|| existing.as_ref().map(|f| f.quota_given))
+                .unwrap_or(d.repo.config.default_quota),
+            added_ns: existing
+                .as_ref()
+                .map(|f| f.added_ns)
+                .unwrap_or_else(crate::repo::now_ns),
+        };
+        store.put_friend(&friend)?;
+        store.update_peer_state(&friend.peer_id, |s| {
+            s.slot_pushed = false;
+            s.quota_refused = false;
+        })?;
+        tracing::info!(%peer, name = %friend.name, quota = friend.quota_given, "friend added");
+        peer_info(&d, &friend)
+    })
+    .await?;
+    daemon.net.add_addrs(peer, dial).await?;
+    daemon.replicator.wake();
+    Ok(Reply::PeerAdded(info))
+}
+
+fn peer_info(
+    d: &Daemon,
+    f: &obnam_protocol::local::Friend,
+) -> Result<obnam_protocol::control::PeerInfo, NodeError> {
+    let peer = libp2p::PeerId::from_bytes(&f.peer_id)
+        .map_err(|e| NodeError::Key(format!("stored peer id: {e}")))?;
+    let state = d.repo.store.peer_state(&f.peer_id)?;
+    let used_by_them = d
+        .repo
+        .store
+        .hosted_owners()?
+        .iter()
+        .filter(|(_, o)| o.bound_peer == f.peer_id)
+        .map(|(_, o)| o.used)
+        .sum();
+    Ok(obnam_protocol::control::PeerInfo {
+        peer_id: peer.to_string(),
+        name: f.name.clone(),
+        household: f.household.clone(),
+        online: d.net.is_connected(&peer),
+        addrs: f
+            .addrs
+            .iter()
+            .filter_map(|a| libp2p::Multiaddr::try_from(a.to_vec()).ok())
+            .map(|a| a.to_string())
+            .collect(),
+        quota_given: f.quota_given,
+        used_by_them,
+        used_by_us: state.used_by_us,
+        holds_slot: state.slot_pushed,
+        last_error: d.replicator.last_error(&peer),
+    })
 }
 
 /// The client side: one request per connection.

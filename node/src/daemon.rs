@@ -130,12 +130,32 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         .await
         .map_err(|e| NodeError::Control(format!("start-up worker failed: {e}")))??
     };
-    let (net, net_task) = net::start(
-        key,
-        &config.listen,
-        Duration::from_secs(config.idle_connection_timeout_secs),
-    )
-    .await?;
+    let local_peer = key.public().to_peer_id();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let server = Arc::new(crate::serve::Server::new(
+        repo.store.clone(),
+        paths.data.join("hosted"),
+        local_peer,
+        Box::new({
+            let wake = Arc::clone(&wake);
+            move |_| wake.notify_one()
+        }),
+    ));
+    let net_config = net::NetConfig {
+        listen: config.listen.clone(),
+        idle_timeout: Duration::from_secs(config.idle_connection_timeout_secs),
+        request_timeout: Duration::from_secs(config.request_timeout_secs),
+        mdns: config.mdns,
+    };
+    let (net, net_task) = net::start(key, net_config, server).await?;
+    let _ = repo.remote.set(crate::repo::Remote::new(
+        net.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let replicator = crate::replication::Replicator::new(repo.clone(), net.clone(), wake);
+    let replication_task = tokio::spawn(
+        Arc::clone(&replicator).run(Duration::from_secs(config.replication_interval_secs.max(1))),
+    );
     let socket = paths.socket();
     let listener = control::bind(&socket)?;
     tracing::info!(peer_id = %net.peer_id, socket = %socket.display(), data_dir = %paths.data.display(), "obnam-node started");
@@ -150,6 +170,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     let daemon = Arc::new(Daemon {
         repo,
         net,
+        replicator,
         backup_lock: tokio::sync::Mutex::new(()),
     });
     let server = tokio::spawn(control::serve(listener, daemon));
@@ -161,6 +182,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     }
     server.abort();
     net_task.abort();
+    replication_task.abort();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

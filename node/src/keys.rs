@@ -205,6 +205,8 @@ pub struct Owner {
     pub name: String,
     /// The encoded key slot.
     pub slot: Vec<u8>,
+    /// Where friends file the slot.
+    pub lookup: LookupId,
     /// The derived keys.
     pub keys: Keys,
 }
@@ -227,11 +229,13 @@ pub fn init(path: &Path, name: &str, passphrase: &str) -> Result<Owner, NodeErro
         name: name.to_owned(),
         master: master.0.to_vec(),
         slot: slot.clone(),
+        lookup: stretched.lookup,
     };
     write_secrets(path, &file)?;
     Ok(Owner {
         name: name.to_owned(),
         slot,
+        lookup: stretched.lookup,
         keys: Keys::derive(&master),
     })
 }
@@ -291,6 +295,7 @@ pub fn load_owner(path: &Path) -> Result<Owner, NodeError> {
     Ok(Owner {
         name: file.name.clone(),
         slot: file.slot.clone(),
+        lookup: file.lookup,
         keys: Keys::derive(&master),
     })
 }

@@ -16,7 +16,10 @@
 //! | [`exclude`] | exclusion rules |
 //! | [`backup`] | the backup pipeline (threads, bounded channels) |
 //! | [`restore`] | restore and `ls` |
-//! | [`net`] | the libp2p swarm |
+//! | [`net`] | the libp2p swarm: codec, event loop, [`net::Net`] handle |
+//! | [`serve`] | the storage role: answering friends' requests and pack streams |
+//! | [`peers`] | talking to friends as a client: owner proofs, uploads, fetches |
+//! | [`replication`] | the actor that keeps packs and the head on the replica set |
 //! | [`control`] | the local control socket, server and client |
 //! | [`daemon`] | start-up and shutdown |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -32,8 +35,11 @@ pub mod keys;
 pub mod net;
 pub mod outbox;
 pub mod pack;
+pub mod peers;
+pub mod replication;
 pub mod repo;
 pub mod restore;
 pub mod seal;
+pub mod serve;
 
 pub use error::NodeError;

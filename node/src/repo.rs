@@ -19,6 +19,33 @@ use obnam_protocol::tree::Tree;
 use obnam_protocol::{ChunkId, SnapshotId};
 use obnam_store::{Store, StoreOptions};
 
+/// The network, once the node has started it: how the repository fetches packs that are no
+/// longer in the outbox.
+pub struct Remote {
+    /// The network handle.
+    pub net: crate::net::Net,
+    /// The runtime, to wait on the network from blocking threads.
+    pub handle: tokio::runtime::Handle,
+    warnings: std::sync::Mutex<Vec<String>>,
+}
+
+impl Remote {
+    /// A remote for the node's network.
+    pub fn new(net: crate::net::Net, handle: tokio::runtime::Handle) -> Self {
+        Self {
+            net,
+            handle,
+            warnings: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Attempts per friend to fetch one pack.
+pub const FETCH_ATTEMPTS: usize = 3;
+
+/// How many packs a restore fetches at once.
+pub const FETCH_PARALLEL: usize = 4;
+
 /// The node's repository.
 #[derive(Clone)]
 pub struct Repo {
@@ -30,6 +57,8 @@ pub struct Repo {
     pub store: Store,
     /// The pack files.
     pub outbox: Outbox,
+    /// The network, once started.
+    pub remote: std::sync::Arc<std::sync::OnceLock<Remote>>,
 }
 
 impl Repo {
@@ -50,6 +79,7 @@ impl Repo {
             config,
             store,
             outbox,
+            remote: std::sync::Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -245,10 +275,10 @@ impl Repo {
         }
     }
 
-    /// Reads and opens one chunk of ours.
+    /// Reads and opens one chunk of ours: from the outbox, or from a pack fetched from a friend.
     ///
     /// # Errors
-    /// [`NodeError::Authentication`] naming the chunk and pack, or I/O errors.
+    /// [`NodeError::Authentication`] naming the chunk and pack, or I/O and network errors.
     pub fn read_chunk(&self, keys: &Keys, id: &ChunkId) -> Result<Vec<u8>, NodeError> {
         let loc = self
             .store
@@ -256,16 +286,171 @@ impl Repo {
             .ok_or_else(|| NodeError::Authentication {
                 what: format!("chunk {id:?} (not in the index)"),
             })?;
-        let sealed = self
-            .outbox
-            .read_range(&loc.pack, u64::from(loc.offset), loc.len as usize)?;
-        seal::open_chunk(keys, id, &sealed).map_err(|e| match e {
-            OpenError::Authentication | OpenError::Mismatch | OpenError::Malformed(_) => {
-                NodeError::Authentication {
-                    what: format!("chunk {} in pack {}: {e}", id.short(), loc.pack),
-                }
+        let sealed = self.pack_range(keys, &loc.pack, u64::from(loc.offset), loc.len as usize)?;
+        seal::open_chunk(keys, id, &sealed).map_err(|e| {
+            let what = format!("chunk {} in pack {}", id.short(), loc.pack);
+            match e {
+                OpenError::Authentication => NodeError::Authentication { what },
+                OpenError::Mismatch | OpenError::Malformed(_) => NodeError::Authentication {
+                    what: format!("{what} ({e})"),
+                },
             }
         })
+    }
+
+    fn cache_path(&self, pack: &obnam_protocol::PackId) -> std::path::PathBuf {
+        self.paths
+            .data
+            .join("cache")
+            .join(format!("{}.pack", pack.to_hex()))
+    }
+
+    /// Reads a byte range of one of our packs, fetching the pack from a friend when it is not in
+    /// the outbox.
+    ///
+    /// # Errors
+    /// I/O or network errors naming the pack.
+    pub fn pack_range(
+        &self,
+        keys: &Keys,
+        pack: &obnam_protocol::PackId,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, NodeError> {
+        if self.outbox.path(pack).exists() {
+            return self.outbox.read_range(pack, offset, len);
+        }
+        let cached = self.cache_path(pack);
+        if !cached.exists() {
+            let remote = self.remote.get().ok_or_else(|| {
+                NodeError::Net(format!(
+                    "pack {pack} is not in the outbox and the network is not running"
+                ))
+            })?;
+            remote
+                .handle
+                .block_on(self.fetch_pack(remote, keys, *pack))?;
+        }
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&cached)
+            .map_err(|e| NodeError::io(format!("opening fetched pack {pack}"), e))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| NodeError::io(format!("reading fetched pack {pack}"), e))?;
+        Ok(buf)
+    }
+
+    /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time, skipping
+    /// those already here. Call from a blocking thread.
+    ///
+    /// # Errors
+    /// The first pack that no friend could supply.
+    pub fn prefetch(
+        &self,
+        keys: &Keys,
+        packs: Vec<obnam_protocol::PackId>,
+    ) -> Result<(), NodeError> {
+        use futures::StreamExt;
+        let wanted: Vec<_> = packs
+            .into_iter()
+            .filter(|p| !self.outbox.path(p).exists() && !self.cache_path(p).exists())
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let remote = self.remote.get().ok_or_else(|| {
+            NodeError::Net("packs are not in the outbox and the network is not running".into())
+        })?;
+        let results: Vec<Result<(), NodeError>> = remote.handle.block_on(
+            futures::stream::iter(wanted.into_iter().map(|p| self.fetch_pack(remote, keys, p)))
+                .buffer_unordered(FETCH_PARALLEL)
+                .collect(),
+        );
+        results.into_iter().collect()
+    }
+
+    async fn fetch_pack(
+        &self,
+        remote: &Remote,
+        keys: &Keys,
+        pack: obnam_protocol::PackId,
+    ) -> Result<(), NodeError> {
+        let dir = self.paths.data.join("cache");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NodeError::io(format!("creating {}", dir.display()), e))?;
+        let mut candidates: Vec<libp2p::PeerId> = self
+            .store
+            .holders(&pack)?
+            .iter()
+            .filter_map(|b| libp2p::PeerId::from_bytes(b).ok())
+            .collect();
+        for f in self.store.friends()? {
+            if let Ok(p) = libp2p::PeerId::from_bytes(&f.peer_id)
+                && !candidates.contains(&p)
+            {
+                candidates.push(p);
+            }
+        }
+        candidates.sort_by_key(|p| !remote.net.is_connected(p));
+        let mut errors = Vec::new();
+        for peer in candidates {
+            let tmp = dir.join(format!("{}.{}.part", pack.to_hex(), peer));
+            // libp2p-stream drops an inbound stream when its accept queue is momentarily full:
+            // retry a broken transfer a few times before moving on to another friend.
+            let mut result = crate::peers::fetch(&remote.net, peer, keys, pack, &tmp).await;
+            for attempt in 1..FETCH_ATTEMPTS {
+                match &result {
+                    Err(NodeError::Net(m)) if !m.contains("refused") => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64))
+                            .await;
+                        result = crate::peers::fetch(&remote.net, peer, keys, pack, &tmp).await;
+                    }
+                    _ => break,
+                }
+            }
+            match result {
+                Ok(got) if got == pack => {
+                    std::fs::rename(&tmp, self.cache_path(&pack))
+                        .map_err(|e| NodeError::io(format!("caching pack {pack}"), e))?;
+                    return Ok(());
+                }
+                Ok(got) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    let w = format!(
+                        "friend {peer} sent a damaged copy of pack {} (it hashes to {}); trying another friend",
+                        pack.short(),
+                        got.short()
+                    );
+                    tracing::warn!(%peer, pack = %pack, "{w}");
+                    if let Ok(mut v) = remote.warnings.lock() {
+                        v.push(w);
+                    }
+                    errors.push(format!("{peer}: damaged copy"));
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::debug!(%peer, pack = %pack.short(), error = %e, "fetch failed");
+                    errors.push(format!("{peer}: {e}"));
+                }
+            }
+        }
+        Err(NodeError::Net(format!(
+            "no reachable friend could supply pack {pack}: {}",
+            errors.join("; ")
+        )))
+    }
+
+    /// Warnings collected while fetching (damaged copies, with the friend that sent them).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.remote
+            .get()
+            .and_then(|r| r.warnings.lock().ok().map(|mut w| std::mem::take(&mut *w)))
+            .unwrap_or_default()
+    }
+
+    /// Removes fetched packs.
+    pub fn clear_cache(&self) {
+        let _ = std::fs::remove_dir_all(self.paths.data.join("cache"));
     }
 
     /// Reads a blob stored as chunks (a tree).

@@ -108,6 +108,7 @@ pub fn ls(
             }
         }
     }
+    repo.clear_cache();
     Ok((id, count))
 }
 
@@ -189,7 +190,21 @@ pub fn restore(
         },
         last_progress: Instant::now(),
     };
-    r.restore_dir(&record.root, &target, &mut Vec::new())?;
+    // Fetch the packs of the selected files from friends, several at a time, before writing.
+    let mut packs = std::collections::HashSet::new();
+    r.collect(&record.root, &mut Vec::new(), &mut packs);
+    if let Err(e) = repo.prefetch(keys, packs.into_iter().collect()) {
+        tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
+    }
+    for w in repo.take_warnings() {
+        events.send(Event::Warning(w));
+    }
+    let result = r.restore_dir(&record.root, &target, &mut Vec::new());
+    for w in repo.take_warnings() {
+        events.send(Event::Warning(w));
+    }
+    repo.clear_cache();
+    result?;
     Ok(r.report)
 }
 
@@ -228,6 +243,34 @@ impl Restorer<'_> {
             Selection::Partly
         } else {
             Selection::No
+        }
+    }
+
+    /// The packs holding the selected files' data (trees are read, and fetched, on the way).
+    fn collect(
+        &self,
+        tree: &[ChunkId],
+        parts: &mut Vec<Vec<u8>>,
+        out: &mut std::collections::HashSet<obnam_protocol::PackId>,
+    ) {
+        let Ok(tree) = self.repo.read_tree(self.keys, tree) else {
+            return;
+        };
+        for e in tree.entries {
+            parts.push(e.name.clone());
+            match (self.select(parts), e.kind) {
+                (Selection::No, _) => {}
+                (_, EntryKind::Dir) => self.collect(&e.content, parts, out),
+                (Selection::All, EntryKind::File) => {
+                    for c in &e.content {
+                        if let Ok(Some(loc)) = self.repo.store.chunk(c) {
+                            out.insert(loc.pack);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            parts.pop();
         }
     }
 

@@ -38,6 +38,55 @@ pub enum Request {
     Restore(RestoreRequest),
     /// The node's state.
     Status,
+    /// Make a node a friend.
+    PeerAdd(PeerAddRequest),
+    /// List friends.
+    PeerList,
+    /// Stop being friends with a node.
+    PeerRemove {
+        /// Its peer id.
+        peer_id: String,
+    },
+}
+
+/// `obnam peer add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddRequest {
+    /// A ticket, or a bare peer id.
+    pub who: String,
+    /// Extra addresses.
+    pub addrs: Vec<String>,
+    /// Bytes granted to the friend (None: the configured default).
+    pub quota: Option<u64>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Household.
+    pub household: Option<String>,
+}
+
+/// A friend in `peer list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Display name.
+    pub name: String,
+    /// Household.
+    pub household: String,
+    /// Connected now.
+    pub online: bool,
+    /// Known addresses.
+    pub addrs: Vec<String>,
+    /// Bytes granted to it.
+    pub quota_given: u64,
+    /// Bytes of its owners' packs stored here.
+    pub used_by_them: u64,
+    /// Bytes of our packs stored there.
+    pub used_by_us: u64,
+    /// Whether it holds our key slot.
+    pub holds_slot: bool,
+    /// The last problem with it, if any.
+    pub last_error: Option<String>,
 }
 
 /// `obnam init`.
@@ -160,6 +209,15 @@ pub enum Reply {
     Restore(RestoreReport),
     /// For [`Request::Status`].
     Status(StatusReply),
+    /// For [`Request::PeerAdd`].
+    PeerAdded(PeerInfo),
+    /// For [`Request::PeerList`].
+    Peers(Vec<PeerInfo>),
+    /// For [`Request::PeerRemove`].
+    PeerRemoved {
+        /// The former friend.
+        peer_id: String,
+    },
 }
 
 /// The node's identity.
@@ -210,6 +268,12 @@ pub struct BackupReport {
     pub replicas: u32,
     /// The skipped files.
     pub problems: Vec<FileProblem>,
+    /// Bytes sent to friends while the command waited.
+    pub sent_bytes: u64,
+    /// The head sequence number that lists this snapshot.
+    pub head_seq: u64,
+    /// Replica-set members that do not hold the snapshot yet (empty when replication is done).
+    pub pending: Vec<String>,
 }
 
 /// A snapshot in a listing.
@@ -290,8 +354,22 @@ pub struct StatusReply {
     pub outbox_max_bytes: u64,
     /// Whether a backup is running.
     pub backup_running: bool,
-    /// Friends configured (the friends issue).
+    /// Friends configured.
     pub friends: u64,
+    /// Friends connected now.
+    pub friends_online: u64,
+    /// The configured number of replicas.
+    pub replicas: u32,
+    /// Friends holding every pack and the newest head.
+    pub replicated_to: u32,
+    /// Whether fewer friends than `replicas` hold everything.
+    pub under_replicated: bool,
+    /// Replica-set members still missing something.
+    pub waiting: Vec<String>,
+    /// Owners whose data this node stores for friends.
+    pub hosted_owners: u64,
+    /// Bytes stored for friends.
+    pub hosted_bytes: u64,
 }
 
 /// Encodes a frame: length prefix and postcard body.

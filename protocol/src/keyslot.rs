@@ -150,6 +150,8 @@ pub struct SecretsFile {
     /// The encoded key slot.
     #[serde(with = "serde_bytes")]
     pub slot: Vec<u8>,
+    /// The lookup id under which friends file the slot.
+    pub lookup: crate::ids::LookupId,
 }
 
 impl std::fmt::Debug for SecretsFile {
@@ -191,10 +193,12 @@ mod secrets_tests {
             name: "a".into(),
             master: vec![3; 32],
             slot: vec![4],
+            lookup: crate::ids::LookupId([5; 32]),
         };
         let b = f.to_bytes();
         assert_eq!(&b[..4], &[1, 1, b'a', 32]);
-        assert_eq!(&b[36..], &[1, 4]);
+        assert_eq!(&b[36..38], &[1, 4]);
+        assert_eq!(&b[38..], &[5; 32]);
         assert_eq!(SecretsFile::from_bytes(&b).unwrap(), f);
         let short = SecretsFile {
             master: vec![1; 5],

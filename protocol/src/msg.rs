@@ -5,8 +5,10 @@
 //! - [`EXCHANGE_PROTOCOL`] (`/obnam/exchange/1`): request-response for small messages.
 //!   Each message is a frame: `length (u32 LE) ‖ postcard`, at most [`MAX_MESSAGE`] bytes.
 //! - [`PACKS_PROTOCOL`] (`/obnam/packs/1`): a stream that carries whole packs. The client sends a
-//!   [`StreamRequest`] frame, followed for a put by exactly `len` raw bytes; the server answers
-//!   with a [`StreamReply`] frame, followed for a get by exactly `len` raw bytes. Several requests
+//!   [`StreamRequest`] frame. For a put the server answers `Ready` (or a refusal, so no body is
+//!   sent in vain), the client sends exactly `len` raw bytes, and the server answers `Stored`
+//!   once the pack is verified and durable. For a get the server answers `Data { len }`
+//!   followed by exactly `len` raw bytes. Several requests
 //!   may follow each other on one stream. Pack bytes are streamed, never held whole in memory.
 //!
 //! Every request names the owner it concerns; the receiving node authorises it in its handler:
@@ -237,6 +239,8 @@ pub enum StreamReply {
     },
     /// Refused; for a put, the body is not read.
     Error(WireError),
+    /// For a put: the friend accepts the pack; send the `len` bytes now.
+    Ready,
 }
 
 /// Encodes a frame: `length (u32 LE) ‖ postcard`.

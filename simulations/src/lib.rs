@@ -106,6 +106,9 @@ pub struct Node {
     pub peer_id: String,
     /// Run the node as this (uid, gid) (root only).
     pub run_as: Option<(u32, u32)>,
+    /// The addresses of the first start; later starts listen there again, like a node with a
+    /// fixed port.
+    pub addrs: Vec<String>,
     child: Option<Child>,
 }
 
@@ -166,6 +169,7 @@ impl Node {
             bins: bins.clone(),
             peer_id: String::new(),
             run_as: None,
+            addrs: Vec::new(),
             child: None,
         })
     }
@@ -192,8 +196,14 @@ impl Node {
             .arg("--json")
             .arg("--data-dir")
             .arg(&self.data_dir);
+        for a in &self.addrs {
+            cmd.arg("--listen").arg(a);
+        }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        cmd.env("OBNAM_LOG", "info");
+        cmd.env(
+            "OBNAM_LOG",
+            std::env::var("OBNAM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
@@ -227,6 +237,16 @@ impl Node {
             bail!("{} failed to start: {err}", self.name);
         }
         self.peer_id = v["peer_id"].as_str().unwrap_or_default().to_owned();
+        if self.addrs.is_empty() {
+            self.addrs = v["addrs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
         Ok(())
     }
 
@@ -326,6 +346,109 @@ impl Node {
         args.extend_from_slice(extra);
         self.json(&args, expect)
     }
+}
+
+impl Node {
+    /// This node's ticket (`obnam id`).
+    ///
+    /// # Errors
+    /// When `obnam id` fails.
+    pub fn ticket(&self) -> Result<String> {
+        let v = self.json(&["id"], 0)?;
+        v["ticket"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no ticket in {v}"))
+    }
+
+    /// `obnam peer add <other's ticket> --name <other's name> EXTRA…`.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn add_peer(&self, other: &Node, extra: &[&str]) -> Result<Value> {
+        let ticket = other.ticket()?;
+        let mut args = vec![
+            "peer",
+            "add",
+            ticket.as_str(),
+            "--name",
+            other.name.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        self.json(&args, 0)
+    }
+
+    /// `obnam status --json`.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn status(&self) -> Result<Value> {
+        self.json(&["status"], 0)
+    }
+}
+
+/// Makes every node a friend of every other one (both directions).
+///
+/// # Errors
+/// When a `peer add` fails.
+pub fn befriend_all(nodes: &[&Node]) -> Result<()> {
+    for a in nodes {
+        for b in nodes {
+            if a.data_dir != b.data_dir {
+                a.add_peer(b, &[])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes.
+///
+/// # Errors
+/// On timeout, with `what`; or the first error `cond` returns.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether any file below `dir` contains `needle` (in its name or its bytes).
+///
+/// # Errors
+/// When the tree cannot be read.
+pub fn tree_contains(dir: &Path, needle: &[u8]) -> Result<Vec<PathBuf>> {
+    let mut hits = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.as_os_str()
+            .as_encoded_bytes()
+            .windows(needle.len())
+            .any(|w| w == needle)
+        {
+            hits.push(p.clone());
+        }
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            hits.extend(tree_contains(&p, needle)?);
+        } else if meta.is_file() {
+            let bytes = std::fs::read(&p).unwrap_or_default();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                hits.push(p);
+            }
+        }
+    }
+    Ok(hits)
 }
 
 impl Drop for Node {

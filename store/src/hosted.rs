@@ -16,10 +16,7 @@
 use crate::{Store, StoreError};
 use obnam_protocol::local::{Friend, HostedOwner, PeerState};
 use obnam_protocol::{LookupId, OwnerId, PackId};
-use redb::{
-    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition,
-};
+use redb::{MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub(crate) const FRIENDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("friends-0");
 pub(crate) const OWNERS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("owners-0");

@@ -1,0 +1,219 @@
+//! Talking to friends as a client: proving the owner key, uploading and fetching packs.
+
+use crate::error::NodeError;
+use crate::keys::Keys;
+use crate::net::Net;
+use crate::serve::{IO_CHUNK, read_frame, wire_error, write_frame};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use obnam_protocol::msg::{
+    ErrorCode, MAX_STREAM_HEADER, OwnerProof, Request, Response, StreamReply, StreamRequest,
+    WireError,
+};
+use obnam_protocol::signed::CONTEXT_OWNER_PROOF;
+use obnam_protocol::{OwnerId, PackId};
+use std::path::Path;
+use tokio::io::AsyncReadExt as _;
+
+/// Proves the owner key to `peer` (nonce, then a signature bound to both peer ids).
+///
+/// # Errors
+/// [`NodeError::Net`] naming the friend and its refusal.
+pub async fn prove(net: &Net, peer: PeerId, keys: &Keys) -> Result<(), NodeError> {
+    let nonce = match net.request(peer, Request::Nonce).await? {
+        Response::Nonce(n) => n,
+        Response::Error(e) => return Err(wire_error(&peer, &e)),
+        other => {
+            return Err(NodeError::Net(format!(
+                "friend {peer} answered {other:?} to a nonce request"
+            )));
+        }
+    };
+    let owner = keys.owner_id();
+    let payload = OwnerProof::payload(&owner, &nonce, &net.peer_id.to_bytes(), &peer.to_bytes());
+    let signature = keys.sign(CONTEXT_OWNER_PROOF, &payload).to_vec();
+    match net
+        .request(
+            peer,
+            Request::ProveOwner(OwnerProof {
+                owner,
+                nonce,
+                signature,
+            }),
+        )
+        .await?
+    {
+        Response::Ok => Ok(()),
+        Response::Error(e) => Err(wire_error(&peer, &e)),
+        other => Err(NodeError::Net(format!(
+            "friend {peer} answered {other:?} to an owner proof"
+        ))),
+    }
+}
+
+/// Sends a request that concerns owner data; proves the owner key once if the friend asks.
+///
+/// # Errors
+/// [`NodeError::Net`].
+pub async fn owner_request(
+    net: &Net,
+    peer: PeerId,
+    keys: &Keys,
+    req: Request,
+) -> Result<Response, NodeError> {
+    let first = net.request(peer, req.clone()).await?;
+    if let Response::Error(WireError {
+        code: ErrorCode::Unproven,
+        ..
+    }) = first
+    {
+        prove(net, peer, keys).await?;
+        return net.request(peer, req).await;
+    }
+    Ok(first)
+}
+
+/// What became of an upload.
+#[derive(Debug)]
+pub enum Upload {
+    /// Stored now.
+    Stored,
+    /// The friend had it already.
+    Already,
+    /// Refused.
+    Refused(WireError),
+}
+
+/// Streams one pack file to a friend.
+///
+/// # Errors
+/// [`NodeError::Net`] or [`NodeError::Io`] when the transfer breaks.
+pub async fn upload(
+    net: &Net,
+    peer: PeerId,
+    owner: OwnerId,
+    pack: PackId,
+    path: &Path,
+) -> Result<Upload, NodeError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| NodeError::io(format!("opening pack {pack}"), e))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?
+        .len();
+    let mut stream = net.open_stream(peer).await?;
+    let broken =
+        |e: std::io::Error| NodeError::Net(format!("sending pack {} to {peer}: {e}", pack.short()));
+    write_frame(&mut stream, &StreamRequest::Put { owner, pack, len })
+        .await
+        .map_err(broken)?;
+    let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+        .await
+        .map_err(|e| NodeError::Net(format!("{peer}: {e}")))?;
+    match reply {
+        Some(StreamReply::Ready) => {}
+        Some(StreamReply::Stored { .. }) => return Ok(Upload::Already),
+        Some(StreamReply::Error(e)) => return Ok(Upload::Refused(e)),
+        other => {
+            return Err(NodeError::Net(format!(
+                "friend {peer} answered {other:?} to a put"
+            )));
+        }
+    }
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
+        file.read_exact(&mut buf[..n])
+            .await
+            .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
+        stream.write_all(&buf[..n]).await.map_err(broken)?;
+        left -= n as u64;
+    }
+    stream.flush().await.map_err(broken)?;
+    let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+        .await
+        .map_err(|e| NodeError::Net(format!("{peer}: {e}")))?;
+    let _ = stream.close().await;
+    match reply {
+        Some(StreamReply::Stored { already: false }) => Ok(Upload::Stored),
+        Some(StreamReply::Stored { already: true }) => Ok(Upload::Already),
+        Some(StreamReply::Error(e)) => Ok(Upload::Refused(e)),
+        other => Err(NodeError::Net(format!(
+            "friend {peer} answered {other:?} after a pack body"
+        ))),
+    }
+}
+
+/// Fetches a whole pack from a friend into `dest` (created), returning its BLAKE3 hash.
+/// Runs on the calling thread: call it from a blocking thread through `Handle::block_on`, so
+/// hashing stays off the async workers.
+///
+/// # Errors
+/// [`NodeError::Net`] naming the friend, or [`NodeError::Io`].
+pub async fn fetch(
+    net: &Net,
+    peer: PeerId,
+    keys: &Keys,
+    pack: PackId,
+    dest: &Path,
+) -> Result<PackId, NodeError> {
+    let owner = keys.owner_id();
+    for attempt in 0..2 {
+        let mut stream = net.open_stream(peer).await?;
+        let broken =
+            |e: String| NodeError::Net(format!("fetching pack {} from {peer}: {e}", pack.short()));
+        write_frame(
+            &mut stream,
+            &StreamRequest::Get {
+                owner,
+                pack,
+                offset: 0,
+                len: u64::MAX,
+            },
+        )
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+        let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+            .await
+            .map_err(broken)?;
+        let len = match reply {
+            Some(StreamReply::Data { len }) => len,
+            Some(StreamReply::Error(WireError {
+                code: ErrorCode::Unproven,
+                ..
+            })) if attempt == 0 => {
+                prove(net, peer, keys).await?;
+                continue;
+            }
+            Some(StreamReply::Error(e)) => return Err(wire_error(&peer, &e)),
+            other => return Err(broken(format!("unexpected answer {other:?}"))),
+        };
+        if len > obnam_protocol::pack::MAX_PACK_LEN {
+            return Err(broken(format!("{len} bytes is more than any pack")));
+        }
+        let mut out = std::fs::File::create(dest)
+            .map_err(|e| NodeError::io(format!("creating {}", dest.display()), e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut left = len;
+        let mut buf = vec![0u8; IO_CHUNK];
+        while left > 0 {
+            let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
+            stream
+                .read_exact(&mut buf[..n])
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            hasher.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n])
+                .map_err(|e| NodeError::io(format!("writing {}", dest.display()), e))?;
+            left -= n as u64;
+        }
+        let _ = stream.close().await;
+        return Ok(PackId(*hasher.finalize().as_bytes()));
+    }
+    Err(NodeError::Net(format!(
+        "friend {peer} kept asking for an owner proof"
+    )))
+}

@@ -1,0 +1,392 @@
+//! Replication: gets every pack and the newest head onto the owner's replica set.
+//!
+//! An actor task ([`Replicator::run`]) makes a round when woken (after a backup, when a friend
+//! connects, after `peer add`) and every `replication_interval_secs`. A round:
+//!
+//! 1. chooses the replica set: `replicas` friends, one per household first, skipping friends
+//!    that refused for quota (they are replaced by others);
+//! 2. for each member, in parallel: proves the owner key if asked, pushes the key slot if the
+//!    friend lacks it, streams every outbox pack the friend does not hold, and then the head
+//!    (only once the friend holds every pack);
+//! 3. removes from the outbox the packs that `replicas` friends hold.
+//!
+//! Its state is durable (outbox, placements, peer state in redb), so a restart loses nothing:
+//! the next round carries on. Progress is published on a watch channel, which `obnam backup`
+//! waits on.
+
+use crate::error::NodeError;
+use crate::keys::Owner;
+use crate::net::Net;
+use crate::peers::{self, Upload};
+use crate::repo::Repo;
+use libp2p::{Multiaddr, PeerId};
+use obnam_protocol::local::Friend;
+use obnam_protocol::msg::{ErrorCode, Request, Response};
+use obnam_protocol::snapshot::SignedHead;
+use serde_bytes::ByteBuf;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// How far replication is for one head.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Friends holding every pack and a head at least this new.
+    pub holders: u32,
+    /// The size of the replica set (`min(replicas, eligible friends)`).
+    pub target: u32,
+    /// The configured number of replicas.
+    pub replicas: u32,
+    /// Members of the replica set still missing something, with what.
+    pub waiting: Vec<String>,
+}
+
+/// The replication actor.
+pub struct Replicator {
+    repo: Repo,
+    net: Net,
+    wake: Arc<Notify>,
+    progress: watch::Sender<u64>,
+    sent: AtomicU64,
+    errors: Mutex<HashMap<PeerId, String>>,
+}
+
+fn peer_of(f: &Friend) -> Option<PeerId> {
+    PeerId::from_bytes(&f.peer_id).ok()
+}
+
+fn addrs_of(f: &Friend) -> Vec<Multiaddr> {
+    f.addrs
+        .iter()
+        .filter_map(|a| Multiaddr::try_from(a.to_vec()).ok())
+        .collect()
+}
+
+impl Replicator {
+    /// A replicator for the node's repository and network.
+    pub fn new(repo: Repo, net: Net, wake: Arc<Notify>) -> Arc<Self> {
+        let (progress, _) = watch::channel(0);
+        Arc::new(Self {
+            repo,
+            net,
+            wake,
+            progress,
+            sent: AtomicU64::new(0),
+            errors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Asks for a round soon.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A receiver that changes whenever something reached a friend.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    /// Bytes sent to friends since the node started.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Number of friends.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn friend_count(&self) -> Result<usize, NodeError> {
+        Ok(self.repo.store.friends()?.len())
+    }
+
+    /// The last error seen with a friend.
+    pub fn last_error(&self, peer: &PeerId) -> Option<String> {
+        self.errors.lock().ok().and_then(|e| e.get(peer).cloned())
+    }
+
+    fn bump(&self) {
+        self.progress.send_modify(|v| *v += 1);
+    }
+
+    fn note_error(&self, peer: PeerId, e: impl std::fmt::Display) {
+        let text = e.to_string();
+        tracing::warn!(%peer, error = %text, "replication");
+        if let Ok(mut m) = self.errors.lock() {
+            m.insert(peer, text);
+        }
+    }
+
+    /// Runs rounds until the node stops.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e.full_message(), "replication round failed");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// The replica set: up to `replicas` friends, one per household first, skipping friends
+    /// that refused for quota.
+    pub fn replica_set(&self, friends: &[Friend]) -> Result<Vec<Friend>, NodeError> {
+        let replicas = self.repo.config.replicas as usize;
+        let mut eligible = Vec::new();
+        for f in friends {
+            if !self.repo.store.peer_state(&f.peer_id)?.quota_refused {
+                eligible.push(f.clone());
+            }
+        }
+        eligible.sort_by_key(|f| (f.added_ns, f.peer_id.clone()));
+        let mut set: Vec<Friend> = Vec::new();
+        let mut households = HashSet::new();
+        for f in &eligible {
+            if set.len() < replicas
+                && (f.household.is_empty() || households.insert(f.household.clone()))
+            {
+                set.push(f.clone());
+            }
+        }
+        for f in &eligible {
+            if set.len() < replicas && !set.iter().any(|s| s.peer_id == f.peer_id) {
+                set.push(f.clone());
+            }
+        }
+        Ok(set)
+    }
+
+    /// How many friends hold every pack and a head of sequence `seq` or newer.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn health(&self, seq: u64) -> Result<Health, NodeError> {
+        let friends = self.repo.store.friends()?;
+        let set = self.replica_set(&friends)?;
+        let packs = self.repo.store.packs()?;
+        let mut holders = 0;
+        let mut waiting = Vec::new();
+        for f in &friends {
+            let state = self.repo.store.peer_state(&f.peer_id)?;
+            let mut missing = 0usize;
+            for (id, _) in &packs {
+                if !self.repo.store.holders(id)?.contains(&f.peer_id) {
+                    missing += 1;
+                }
+            }
+            let complete = missing == 0 && state.head_seq >= seq;
+            if complete {
+                holders += 1;
+            } else if set.iter().any(|s| s.peer_id == f.peer_id) {
+                let name = peer_of(f).map(|p| p.to_string()).unwrap_or_default();
+                let why = self
+                    .last_error(&peer_of(f).unwrap_or(self.net.peer_id))
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                waiting.push(format!(
+                    "{} {name}: {missing} packs and the head{why}",
+                    f.name
+                ));
+            }
+        }
+        Ok(Health {
+            holders,
+            target: set.len() as u32,
+            replicas: self.repo.config.replicas,
+            waiting,
+        })
+    }
+
+    async fn round(&self) -> Result<(), NodeError> {
+        let repo = self.repo.clone();
+        let loaded = tokio::task::spawn_blocking(
+            move || -> Result<Option<(Owner, Vec<Friend>)>, NodeError> {
+                let owner = match repo.owner() {
+                    Ok(o) => o,
+                    Err(NodeError::NotInitialized) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                Ok(Some((owner, repo.store.friends()?)))
+            },
+        )
+        .await
+        .map_err(|e| NodeError::Control(e.to_string()))??;
+        let (owner, friends) = match loaded {
+            Some((o, f)) => (Some(o), f),
+            None => (None, self.repo.store.friends()?),
+        };
+        // Keep connections to friends up, whether or not this node backs up itself: a friend
+        // that only stores our data must still be reachable, and its connection to us lets us
+        // reach it after it moved.
+        for f in &friends {
+            if let Some(peer) = peer_of(f)
+                && !self.net.is_connected(&peer)
+            {
+                self.net.add_addrs(peer, addrs_of(f)).await?;
+            }
+        }
+        let Some(owner) = owner else { return Ok(()) };
+        if friends.is_empty() {
+            return Ok(());
+        }
+        let set = self.replica_set(&friends)?;
+        let owner = Arc::new(owner);
+        let work = set
+            .iter()
+            .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner)));
+        futures::future::join_all(work).await;
+        // A friend that refused for quota left the set: run again so its replacement catches up.
+        if set.iter().any(|f| {
+            self.repo
+                .store
+                .peer_state(&f.peer_id)
+                .map(|s| s.quota_refused)
+                .unwrap_or(false)
+        }) {
+            let set2 = self.replica_set(&friends)?;
+            let work = set2
+                .iter()
+                .filter(|f| !set.iter().any(|s| s.peer_id == f.peer_id))
+                .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner)));
+            futures::future::join_all(work).await;
+        }
+        self.evict(&friends)
+    }
+
+    async fn sync_friend(&self, f: Friend, owner: Arc<Owner>) {
+        let Some(peer) = peer_of(&f) else { return };
+        if let Err(e) = self.sync_friend_inner(peer, &f, &owner).await {
+            self.note_error(peer, e.full_message());
+        }
+    }
+
+    async fn sync_friend_inner(
+        &self,
+        peer: PeerId,
+        f: &Friend,
+        owner: &Owner,
+    ) -> Result<(), NodeError> {
+        let store = &self.repo.store;
+        self.net.add_addrs(peer, addrs_of(f)).await?;
+        let keys = &owner.keys;
+        let owner_id = keys.owner_id();
+        let state = store.peer_state(&f.peer_id)?;
+        if !state.slot_pushed {
+            let req = Request::PutSlot {
+                owner: owner_id,
+                lookup: owner.lookup,
+                slot: ByteBuf::from(owner.slot.clone()),
+            };
+            match peers::owner_request(&self.net, peer, keys, req).await? {
+                Response::Ok => {
+                    store.update_peer_state(&f.peer_id, |s| s.slot_pushed = true)?;
+                    tracing::info!(%peer, "key slot stored at friend");
+                }
+                Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
+                other => return Err(NodeError::Net(format!("{peer} answered {other:?}"))),
+            }
+        }
+        let mut all_held = true;
+        for (id, rec) in store.packs()? {
+            if store.holders(&id)?.contains(&f.peer_id) {
+                continue;
+            }
+            if !rec.in_outbox {
+                // Not ours to send any more; repair from other friends comes with audits.
+                all_held = false;
+                continue;
+            }
+            let mut result =
+                peers::upload(&self.net, peer, owner_id, id, &self.repo.outbox.path(&id)).await?;
+            if let Upload::Refused(e) = &result
+                && e.code == ErrorCode::Unproven
+            {
+                peers::prove(&self.net, peer, keys).await?;
+                result = peers::upload(&self.net, peer, owner_id, id, &self.repo.outbox.path(&id))
+                    .await?;
+            }
+            match result {
+                Upload::Stored | Upload::Already => {
+                    store.add_placement(&id, &f.peer_id)?;
+                    if matches!(result, Upload::Stored) {
+                        self.sent.fetch_add(rec.len, Ordering::Relaxed);
+                        store.update_peer_state(&f.peer_id, |s| s.used_by_us += rec.len)?;
+                    }
+                    self.bump();
+                }
+                Upload::Refused(e) if e.code == ErrorCode::QuotaExceeded => {
+                    tracing::warn!(%peer, available = ?e.available, "friend refused a pack for quota; choosing another friend");
+                    store.update_peer_state(&f.peer_id, |s| s.quota_refused = true)?;
+                    return Err(crate::serve::wire_error(&peer, &e));
+                }
+                Upload::Refused(e) => return Err(crate::serve::wire_error(&peer, &e)),
+            }
+        }
+        if !all_held {
+            return Ok(());
+        }
+        let Some(head) = store.own_head()? else {
+            return Ok(());
+        };
+        let (_, parsed) =
+            SignedHead::verify(&head, &owner_id).map_err(|e| NodeError::Authentication {
+                what: format!("own head: {e}"),
+            })?;
+        if state.head_seq < parsed.seq {
+            match peers::owner_request(
+                &self.net,
+                peer,
+                keys,
+                Request::PutHead {
+                    owner: owner_id,
+                    head: ByteBuf::from(head),
+                },
+            )
+            .await?
+            {
+                Response::Ok => {
+                    store.update_peer_state(&f.peer_id, |s| s.head_seq = parsed.seq)?;
+                    self.bump();
+                }
+                Response::Error(e) if e.code == ErrorCode::StaleHead => {
+                    tracing::warn!(%peer, "friend holds a newer head than ours: {}", e.message);
+                    store.update_peer_state(&f.peer_id, |s| s.head_seq = parsed.seq)?;
+                }
+                Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
+                other => return Err(NodeError::Net(format!("{peer} answered {other:?}"))),
+            }
+        }
+        if let Ok(mut m) = self.errors.lock() {
+            m.remove(&peer);
+        }
+        Ok(())
+    }
+
+    fn evict(&self, friends: &[Friend]) -> Result<(), NodeError> {
+        let store = &self.repo.store;
+        let replicas = self.repo.config.replicas as usize;
+        if replicas == 0 {
+            return Ok(());
+        }
+        for (id, rec) in store.packs()? {
+            if !rec.in_outbox {
+                continue;
+            }
+            let holders = store.holders(&id)?;
+            let count = friends
+                .iter()
+                .filter(|f| holders.contains(&f.peer_id))
+                .count();
+            if count >= replicas {
+                store.mark_sent(&id)?;
+                let _ = self.repo.outbox.remove(&id);
+                tracing::debug!(pack = %id.short(), count, "pack left the outbox");
+            }
+        }
+        Ok(())
+    }
+}

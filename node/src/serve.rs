@@ -1,0 +1,625 @@
+//! The storage role: answers friends' requests and pack streams.
+//!
+//! Every request is authorised here, in its handler:
+//! - the sender must be a friend (`obnam peer add`), or it is refused with `NotFriend` and logged;
+//! - requests about an owner's data also need the owner bound to the sending node, which happens
+//!   when the node proves the owner key ([`OwnerProof`]) over a nonce we chose.
+//!
+//! Pack bodies are written to a temporary file on a blocking thread while they are hashed; the
+//! pack is accepted only if the bytes hash to its id, and recorded under the owner's quota in the
+//! same transaction that makes it visible. Bodies live in `hosted/<owner>/<pack>.pack`.
+
+use crate::error::NodeError;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use obnam_protocol::keyslot::KeySlot;
+use obnam_protocol::msg::{
+    self, ErrorCode, MAX_HAVE, MAX_HEAD, MAX_SLOT, MAX_STREAM_HEADER, OwnerProof, Request,
+    Response, StreamReply, StreamRequest, WireError,
+};
+use obnam_protocol::pack::MAX_PACK_LEN;
+use obnam_protocol::snapshot::SignedHead;
+use obnam_protocol::{OwnerId, PackId};
+use obnam_store::{Binding, HeadOutcome, PutOutcome, Store};
+use serde_bytes::ByteBuf;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const NONCE_LIFETIME: Duration = Duration::from_secs(120);
+/// Bytes moved per read or write of a pack body.
+pub const IO_CHUNK: usize = 256 * 1024;
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError {
+        code,
+        message: message.into(),
+        available: None,
+    }
+}
+
+/// Answers friends.
+pub struct Server {
+    store: Store,
+    hosted: PathBuf,
+    local: PeerId,
+    nonces: Mutex<HashMap<PeerId, ([u8; 32], Instant)>>,
+    on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
+}
+
+impl Server {
+    /// A server for the store and hosted-pack directory of this node.
+    pub fn new(
+        store: Store,
+        hosted: PathBuf,
+        local: PeerId,
+        on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
+    ) -> Self {
+        Self {
+            store,
+            hosted,
+            local,
+            nonces: Mutex::new(HashMap::new()),
+            on_connect,
+        }
+    }
+
+    /// Called by the event loop when a connection opens.
+    pub fn on_connected(&self, peer: PeerId) {
+        (self.on_connect)(peer);
+    }
+
+    /// Where a hosted pack's body is.
+    pub fn pack_path(&self, owner: &OwnerId, pack: &PackId) -> PathBuf {
+        self.hosted
+            .join(owner.to_hex())
+            .join(format!("{}.pack", pack.to_hex()))
+    }
+
+    /// Whether `peer` is a friend.
+    pub fn is_friend(&self, peer: &PeerId) -> bool {
+        matches!(self.store.friend(&peer.to_bytes()), Ok(Some(_)))
+    }
+
+    fn friend_check(&self, peer: &PeerId) -> Result<(), WireError> {
+        match self.store.friend(&peer.to_bytes()) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
+                tracing::warn!(%peer, "refused a request: not a friend");
+                Err(refuse(
+                    ErrorCode::NotFriend,
+                    format!(
+                        "{} is not a friend of {}: both sides must run `obnam peer add`",
+                        peer, self.local
+                    ),
+                ))
+            }
+            Err(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    fn owner_check(&self, peer: &PeerId, owner: &OwnerId) -> Result<(), WireError> {
+        self.friend_check(peer)?;
+        match self.store.hosted_owner(owner) {
+            Ok(Some(rec)) if rec.bound_peer == peer.to_bytes() => Ok(()),
+            Ok(Some(_)) => Err(refuse(
+                ErrorCode::BoundElsewhere,
+                format!("owner {} is bound to another node", owner.short()),
+            )),
+            Ok(None) => Err(refuse(
+                ErrorCode::Unproven,
+                format!("{peer} has not proved owner key {}", owner.short()),
+            )),
+            Err(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    /// Answers one exchange request. Blocking: runs on a blocking thread.
+    pub fn handle_request(&self, peer: PeerId, request: crate::net::Inbound) -> Response {
+        let request = match request {
+            crate::net::Inbound::Valid(r) => r,
+            crate::net::Inbound::Invalid(code, message) => {
+                tracing::warn!(%peer, ?code, %message, "bad request");
+                return Response::Error(refuse(code, message));
+            }
+        };
+        match self.answer(peer, request) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "request refused");
+                Response::Error(e)
+            }
+        }
+    }
+
+    fn answer(&self, peer: PeerId, request: Request) -> Result<Response, WireError> {
+        let internal = |e: obnam_store::StoreError| refuse(ErrorCode::Internal, e.to_string());
+        match request {
+            Request::Nonce => {
+                self.friend_check(&peer)?;
+                let mut nonce = [0u8; 32];
+                rand::fill(&mut nonce[..]);
+                if let Ok(mut n) = self.nonces.lock() {
+                    n.retain(|_, (_, t)| t.elapsed() < NONCE_LIFETIME);
+                    n.insert(peer, (nonce, Instant::now()));
+                }
+                Ok(Response::Nonce(nonce))
+            }
+            Request::ProveOwner(proof) => {
+                self.friend_check(&peer)?;
+                self.check_proof(&peer, &proof)?;
+                match self
+                    .store
+                    .bind_owner(&proof.owner, &peer.to_bytes())
+                    .map_err(internal)?
+                {
+                    Binding::Bound => {
+                        tracing::info!(%peer, owner = %proof.owner.short(), "owner key proved");
+                        Ok(Response::Ok)
+                    }
+                    Binding::Elsewhere(_) => Err(refuse(
+                        ErrorCode::BoundElsewhere,
+                        format!("owner {} is bound to another node", proof.owner.short()),
+                    )),
+                }
+            }
+            Request::Have { owner, packs } => {
+                self.owner_check(&peer, &owner)?;
+                if packs.len() > MAX_HAVE {
+                    return Err(refuse(
+                        ErrorCode::TooLarge,
+                        format!("at most {MAX_HAVE} pack ids per request"),
+                    ));
+                }
+                let mut out = Vec::with_capacity(packs.len());
+                for p in &packs {
+                    out.push(
+                        self.store
+                            .has_hosted(&owner, p)
+                            .map_err(internal)?
+                            .is_some(),
+                    );
+                }
+                Ok(Response::Have(out))
+            }
+            Request::PutHead { owner, head } => {
+                self.owner_check(&peer, &owner)?;
+                if head.len() > MAX_HEAD {
+                    return Err(refuse(
+                        ErrorCode::TooLarge,
+                        format!("head of {} bytes is over {MAX_HEAD}", head.len()),
+                    ));
+                }
+                let (_, parsed) = SignedHead::verify(&head, &owner)
+                    .map_err(|e| refuse(ErrorCode::Malformed, format!("head: {e}")))?;
+                match self
+                    .store
+                    .put_head(&owner, parsed.seq, &head)
+                    .map_err(internal)?
+                {
+                    HeadOutcome::Stored => Ok(Response::Ok),
+                    HeadOutcome::Stale { stored } => Err(refuse(
+                        ErrorCode::StaleHead,
+                        format!(
+                            "head {} is not newer than the stored head {stored}",
+                            parsed.seq
+                        ),
+                    )),
+                }
+            }
+            Request::GetHead { owner } => {
+                self.owner_check(&peer, &owner)?;
+                Ok(Response::Head(
+                    self.store
+                        .get_head(&owner)
+                        .map_err(internal)?
+                        .map(|(_, h)| ByteBuf::from(h)),
+                ))
+            }
+            Request::PutSlot {
+                owner,
+                lookup,
+                slot,
+            } => {
+                self.owner_check(&peer, &owner)?;
+                if slot.len() > MAX_SLOT {
+                    return Err(refuse(ErrorCode::TooLarge, "key slot too large"));
+                }
+                KeySlot::from_bytes(&slot)
+                    .map_err(|e| refuse(ErrorCode::Malformed, format!("key slot: {e}")))?;
+                self.store
+                    .put_slot(&owner, &lookup, &slot)
+                    .map_err(internal)?;
+                Ok(Response::Ok)
+            }
+            Request::GetSlot { lookup } => {
+                self.friend_check(&peer)?;
+                Ok(Response::Slot(
+                    self.store
+                        .get_slot(&lookup)
+                        .map_err(internal)?
+                        .map(|(_, s)| ByteBuf::from(s)),
+                ))
+            }
+            Request::Usage { owner } => {
+                self.owner_check(&peer, &owner)?;
+                let (quota, used) = self
+                    .store
+                    .available(&owner)
+                    .map_err(internal)?
+                    .unwrap_or((0, 0));
+                Ok(Response::Usage { quota, used })
+            }
+        }
+    }
+
+    fn check_proof(&self, peer: &PeerId, proof: &OwnerProof) -> Result<(), WireError> {
+        let issued = self.nonces.lock().ok().and_then(|mut n| n.remove(peer));
+        match issued {
+            Some((nonce, at)) if nonce == proof.nonce && at.elapsed() < NONCE_LIFETIME => {}
+            _ => {
+                return Err(refuse(
+                    ErrorCode::Unproven,
+                    "the proof does not answer a fresh nonce of ours",
+                ));
+            }
+        }
+        proof
+            .verify(&peer.to_bytes(), &self.local.to_bytes())
+            .map_err(|e| {
+                tracing::warn!(%peer, error = %e, "owner proof failed");
+                refuse(ErrorCode::Unproven, format!("owner proof failed: {e}"))
+            })
+    }
+
+    /// Serves one pack stream until the peer closes it.
+    pub async fn handle_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        loop {
+            let header: StreamRequest = match read_frame(&mut stream, MAX_STREAM_HEADER).await {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "bad pack stream header");
+                    let _ = write_frame(
+                        &mut stream,
+                        &StreamReply::Error(refuse(ErrorCode::Malformed, e)),
+                    )
+                    .await;
+                    break;
+                }
+            };
+            let keep_going = match header {
+                StreamRequest::Put { owner, pack, len } => {
+                    self.put(&peer, &mut stream, owner, pack, len).await
+                }
+                StreamRequest::Get {
+                    owner,
+                    pack,
+                    offset,
+                    len,
+                } => self.get(&peer, &mut stream, owner, pack, offset, len).await,
+            };
+            if !keep_going {
+                break;
+            }
+        }
+        let _ = stream.close().await;
+    }
+
+    async fn put(
+        &self,
+        peer: &PeerId,
+        stream: &mut libp2p::Stream,
+        owner: OwnerId,
+        pack: PackId,
+        len: u64,
+    ) -> bool {
+        let reply = |e: WireError| StreamReply::Error(e);
+        if let Err(e) = self.owner_check(peer, &owner) {
+            return write_frame(stream, &reply(e)).await.is_ok();
+        }
+        if len > MAX_PACK_LEN {
+            let _ = write_frame(
+                stream,
+                &reply(refuse(
+                    ErrorCode::TooLarge,
+                    format!("pack of {len} bytes is over {MAX_PACK_LEN}"),
+                )),
+            )
+            .await;
+            return false;
+        }
+        match self.store.has_hosted(&owner, &pack) {
+            Ok(Some(_)) => {
+                return write_frame(stream, &StreamReply::Stored { already: true })
+                    .await
+                    .is_ok();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return write_frame(stream, &reply(refuse(ErrorCode::Internal, e.to_string())))
+                    .await
+                    .is_ok();
+            }
+        }
+        match self.store.available(&owner) {
+            Ok(Some((quota, used))) if used.saturating_add(len) <= quota => {}
+            Ok(Some((quota, used))) => {
+                let available = quota.saturating_sub(used);
+                tracing::info!(%peer, owner = %owner.short(), len, available, "pack refused: quota");
+                let e = WireError {
+                    code: ErrorCode::QuotaExceeded,
+                    message: format!(
+                        "pack of {len} bytes exceeds the quota: {available} of {quota} bytes left"
+                    ),
+                    available: Some(available),
+                };
+                return write_frame(stream, &reply(e)).await.is_ok();
+            }
+            Ok(None) => {
+                return write_frame(
+                    stream,
+                    &reply(refuse(ErrorCode::Unproven, "no quota for this owner")),
+                )
+                .await
+                .is_ok();
+            }
+            Err(e) => {
+                return write_frame(stream, &reply(refuse(ErrorCode::Internal, e.to_string())))
+                    .await
+                    .is_ok();
+            }
+        }
+        if write_frame(stream, &StreamReply::Ready).await.is_err() {
+            return false;
+        }
+        let result = self.receive(stream, &owner, &pack, len).await;
+        let answer = match result {
+            Ok(PutOutcome::Stored) => StreamReply::Stored { already: false },
+            Ok(PutOutcome::AlreadyHad) => StreamReply::Stored { already: true },
+            Ok(PutOutcome::QuotaExceeded { available }) => StreamReply::Error(WireError {
+                code: ErrorCode::QuotaExceeded,
+                message: format!("quota exceeded: {available} bytes left"),
+                available: Some(available),
+            }),
+            Ok(PutOutcome::NoQuota) => {
+                reply(refuse(ErrorCode::Unproven, "no quota for this owner"))
+            }
+            Err(e) => {
+                tracing::warn!(%peer, pack = %pack.short(), error = %e, "pack refused");
+                let _ = write_frame(stream, &reply(e)).await;
+                // After a broken body the stream is out of step: close it.
+                return false;
+            }
+        };
+        write_frame(stream, &answer).await.is_ok()
+    }
+
+    /// Reads `len` body bytes into a temporary file (on a blocking thread that also hashes them),
+    /// verifies the pack id, makes the file durable and records it under the quota.
+    async fn receive(
+        &self,
+        stream: &mut libp2p::Stream,
+        owner: &OwnerId,
+        pack: &PackId,
+        len: u64,
+    ) -> Result<PutOutcome, WireError> {
+        let dir = self.hosted.join(owner.to_hex());
+        let final_path = self.pack_path(owner, pack);
+        let mut tmp_name = [0u8; 8];
+        rand::fill(&mut tmp_name[..]);
+        let tmp = dir.join(format!("{}.tmp", hex_of(&tmp_name)));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let writer_tmp = tmp.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<PackId, String> {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let mut f = std::fs::File::create(&writer_tmp).map_err(|e| e.to_string())?;
+            let mut hasher = blake3::Hasher::new();
+            while let Some(piece) = rx.blocking_recv() {
+                hasher.update(&piece);
+                f.write_all(&piece).map_err(|e| e.to_string())?;
+            }
+            f.sync_all().map_err(|e| e.to_string())?;
+            Ok(PackId(*hasher.finalize().as_bytes()))
+        });
+        let mut left = len;
+        let mut read_err = None;
+        while left > 0 {
+            let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
+            let mut buf = vec![0u8; n];
+            if let Err(e) = stream.read_exact(&mut buf).await {
+                read_err = Some(e);
+                break;
+            }
+            left -= n as u64;
+            if tx.send(buf).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        let cleanup = || {
+            let _ = std::fs::remove_file(&tmp);
+        };
+        if let Some(e) = read_err {
+            cleanup();
+            return Err(refuse(
+                ErrorCode::Malformed,
+                format!("pack body ended early: {e}"),
+            ));
+        }
+        let id = match written {
+            Ok(id) => id,
+            Err(e) => {
+                cleanup();
+                return Err(refuse(
+                    ErrorCode::Internal,
+                    format!("storing the pack: {e}"),
+                ));
+            }
+        };
+        if id != *pack {
+            cleanup();
+            return Err(refuse(
+                ErrorCode::BadPack,
+                format!(
+                    "the bytes hash to {}, not to pack {}",
+                    id.short(),
+                    pack.short()
+                ),
+            ));
+        }
+        let store = self.store.clone();
+        let (owner, pack) = (*owner, *pack);
+        tokio::task::spawn_blocking(move || -> Result<PutOutcome, WireError> {
+            std::fs::rename(&tmp, &final_path)
+                .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+            if let Some(dir) = final_path.parent() {
+                crate::outbox::sync_dir(dir)
+                    .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+            }
+            let outcome = store
+                .commit_hosted(&owner, &pack, len)
+                .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+            if matches!(
+                outcome,
+                PutOutcome::QuotaExceeded { .. } | PutOutcome::NoQuota
+            ) {
+                let _ = std::fs::remove_file(&final_path);
+            }
+            Ok(outcome)
+        })
+        .await
+        .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?
+    }
+
+    async fn get(
+        &self,
+        peer: &PeerId,
+        stream: &mut libp2p::Stream,
+        owner: OwnerId,
+        pack: PackId,
+        offset: u64,
+        len: u64,
+    ) -> bool {
+        if let Err(e) = self.owner_check(peer, &owner) {
+            return write_frame(stream, &StreamReply::Error(e)).await.is_ok();
+        }
+        let size = match self.store.has_hosted(&owner, &pack) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return write_frame(
+                    stream,
+                    &StreamReply::Error(refuse(
+                        ErrorCode::NotFound,
+                        format!("no pack {} here", pack.short()),
+                    )),
+                )
+                .await
+                .is_ok();
+            }
+            Err(e) => {
+                return write_frame(
+                    stream,
+                    &StreamReply::Error(refuse(ErrorCode::Internal, e.to_string())),
+                )
+                .await
+                .is_ok();
+            }
+        };
+        if offset > size || !offset.is_multiple_of(obnam_protocol::pack::PACK_ALIGN) {
+            return write_frame(
+                stream,
+                &StreamReply::Error(refuse(
+                    ErrorCode::Malformed,
+                    "offset must be a multiple of 64 KiB inside the pack",
+                )),
+            )
+            .await
+            .is_ok();
+        }
+        let len = len.min(size - offset);
+        let path = self.pack_path(&owner, &pack);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                return write_frame(
+                    stream,
+                    &StreamReply::Error(refuse(ErrorCode::Internal, e.to_string())),
+                )
+                .await
+                .is_ok();
+            }
+        };
+        use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+        if file.seek(std::io::SeekFrom::Start(offset)).await.is_err()
+            || write_frame(stream, &StreamReply::Data { len })
+                .await
+                .is_err()
+        {
+            return false;
+        }
+        let mut left = len;
+        while left > 0 {
+            let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
+            let mut buf = vec![0u8; n];
+            if file.read_exact(&mut buf).await.is_err() || stream.write_all(&buf).await.is_err() {
+                return false;
+            }
+            left -= n as u64;
+        }
+        stream.flush().await.is_ok()
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads one `length ‖ postcard` frame of at most `max` bytes; `None` at a clean end of stream.
+///
+/// # Errors
+/// A message for a truncated, oversized or malformed frame.
+pub async fn read_frame<T: serde::de::DeserializeOwned>(
+    io: &mut libp2p::Stream,
+    max: usize,
+) -> Result<Option<T>, String> {
+    let mut len = [0u8; 4];
+    match io.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(format!("frame of {len} bytes is over the limit of {max}"));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("truncated frame: {e}"))?;
+    msg::decode("stream frame", &body, max)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes one frame.
+///
+/// # Errors
+/// I/O errors.
+pub async fn write_frame<T: serde::Serialize>(
+    io: &mut libp2p::Stream,
+    m: &T,
+) -> std::io::Result<()> {
+    io.write_all(&msg::frame(m)).await?;
+    io.flush().await
+}
+
+/// Maps a refusal to a node error naming the friend.
+pub fn wire_error(peer: &PeerId, e: &WireError) -> NodeError {
+    NodeError::Net(format!("friend {peer} refused: {}", e.message))
+}
