@@ -259,3 +259,39 @@ fn a_friend_never_sees_plaintext() -> TestResult {
     assert!(!tree_contains(&src, b"zq7marker")?.is_empty());
     Ok(())
 }
+
+#[test]
+fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
+    let dir = tempfile::Builder::new()
+        .prefix("obnam-friends-")
+        .tempdir()?;
+    let a = node(dir.path(), "a", "replicas = 1\n")?;
+    let b = node(dir.path(), "b", "")?;
+    befriend_all(&[&a, &b])?;
+    // The rogue is a friend of B: it gets past the friend check and must still be refused.
+    let rogue_id = obnam_node::testing::rogue_peer_id(7)?;
+    b.json(&["peer", "add", &rogue_id, "--name", "rogue"], 0)?;
+    let target = format!("{}/p2p/{}", b.addrs[0], b.peer_id);
+    let answers: std::collections::HashMap<String, String> =
+        obnam_node::testing::rogue_attack(7, &target)?
+            .into_iter()
+            .collect();
+    assert_eq!(answers["oversized"], "TooLarge", "{answers:?}");
+    assert_eq!(answers["garbage"], "Malformed", "{answers:?}");
+    assert_eq!(answers["truncated"], "Malformed", "{answers:?}");
+    assert_eq!(answers["bad_stream_header"], "Malformed", "{answers:?}");
+    assert_eq!(answers["unproven_put"], "Unproven", "{answers:?}");
+    assert_eq!(answers["forged_proof"], "Unproven", "{answers:?}");
+    assert!(
+        answers["valid_after_all_that"].starts_with("Nonce"),
+        "{answers:?}"
+    );
+    assert!(b.log().contains("bad request"), "B logs the bad input");
+    // B still serves its real friend.
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    tree(&src, "m6");
+    let report = a.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 1, "{report}");
+    Ok(())
+}

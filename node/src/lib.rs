@@ -41,5 +41,7 @@ pub mod repo;
 pub mod restore;
 pub mod seal;
 pub mod serve;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::NodeError;

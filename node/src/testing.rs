@@ -1,0 +1,178 @@
+//! Test helpers that speak the wire protocols badly on purpose (feature `testing`).
+//!
+//! [`rogue_attack`] connects to a node with its own identity and sends malformed, oversized and
+//! truncated messages on both protocols, plus requests it is not entitled to, and reports what
+//! came back. The node must answer each with a specific error and keep serving.
+
+use crate::error::NodeError;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identity::Keypair, noise, tcp, yamux};
+use obnam_protocol::msg::{self, OwnerProof, Request, Response, StreamReply, StreamRequest};
+use obnam_protocol::{OwnerId, PackId};
+use std::time::Duration;
+
+fn key(seed: u8) -> Result<Keypair, NodeError> {
+    Keypair::ed25519_from_bytes([seed; 32]).map_err(|e| NodeError::Key(e.to_string()))
+}
+
+/// The peer id of the rogue with this seed.
+///
+/// # Errors
+/// Key errors.
+pub fn rogue_peer_id(seed: u8) -> Result<String, NodeError> {
+    Ok(key(seed)?.public().to_peer_id().to_string())
+}
+
+async fn exchange_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> String {
+    let mut s = match control
+        .open_stream(peer, StreamProtocol::new(msg::EXCHANGE_PROTOCOL))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return format!("open failed: {e}"),
+    };
+    let _ = s.write_all(bytes).await;
+    let _ = s.close().await;
+    let mut len = [0u8; 4];
+    if let Err(e) = s.read_exact(&mut len).await {
+        return format!("no answer: {e}");
+    }
+    let mut body = vec![0u8; (u32::from_le_bytes(len) as usize).min(msg::MAX_MESSAGE)];
+    if let Err(e) = s.read_exact(&mut body).await {
+        return format!("no answer: {e}");
+    }
+    match msg::decode::<Response>("response", &body, msg::MAX_MESSAGE) {
+        Ok(Response::Error(e)) => format!("{:?}", e.code),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("undecodable answer: {e}"),
+    }
+}
+
+async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> String {
+    let mut s = match control
+        .open_stream(peer, StreamProtocol::new(msg::PACKS_PROTOCOL))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return format!("open failed: {e}"),
+    };
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    match crate::serve::read_frame::<StreamReply>(&mut s, msg::MAX_STREAM_HEADER).await {
+        Ok(Some(StreamReply::Error(e))) => format!("{:?}", e.code),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("no answer: {e}"),
+    }
+}
+
+/// Connects to `target` (a multiaddr ending in `/p2p/<peer id>`) as the rogue with this seed and
+/// sends bad input. Returns `(case, answer)` pairs; the answer is an error code name when the
+/// node refused properly.
+///
+/// # Errors
+/// When the node cannot be reached at all.
+pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, NodeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::io("runtime", e))?;
+    rt.block_on(async {
+        let addr: Multiaddr = target
+            .parse()
+            .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+            _ => {
+                return Err(NodeError::Usage(
+                    "the address must end in /p2p/<peer id>".into(),
+                ));
+            }
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let mut control = swarm.behaviour().new_control();
+        swarm
+            .dial(addr)
+            .map_err(|e| NodeError::Net(e.to_string()))?;
+        let connected = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => return Ok(()),
+                    SwarmEvent::OutgoingConnectionError { error, .. } => {
+                        return Err(NodeError::Net(error.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| NodeError::Net("timed out connecting".into()))?;
+        connected?;
+        let driver = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let mut out = Vec::new();
+        let mut oversized = (10u32 * 1024 * 1024).to_le_bytes().to_vec();
+        oversized.extend_from_slice(&[0u8; 100]);
+        out.push((
+            "oversized".into(),
+            exchange_raw(&mut control, peer, &oversized).await,
+        ));
+        let mut garbage = 5u32.to_le_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 5]);
+        out.push((
+            "garbage".into(),
+            exchange_raw(&mut control, peer, &garbage).await,
+        ));
+        let mut truncated = 100u32.to_le_bytes().to_vec();
+        truncated.extend_from_slice(&[0u8; 10]);
+        out.push((
+            "truncated".into(),
+            exchange_raw(&mut control, peer, &truncated).await,
+        ));
+        let mut bad_header = 5u32.to_le_bytes().to_vec();
+        bad_header.extend_from_slice(&[0xee; 5]);
+        out.push((
+            "bad_stream_header".into(),
+            packs_raw(&mut control, peer, &bad_header).await,
+        ));
+        let put = msg::frame(&StreamRequest::Put {
+            owner: OwnerId([9; 32]),
+            pack: PackId([9; 32]),
+            len: 100,
+        });
+        out.push((
+            "unproven_put".into(),
+            packs_raw(&mut control, peer, &put).await,
+        ));
+        let forged = msg::frame(&Request::ProveOwner(OwnerProof {
+            owner: OwnerId([9; 32]),
+            nonce: [1; 32],
+            signature: vec![0; 64],
+        }));
+        out.push((
+            "forged_proof".into(),
+            exchange_raw(&mut control, peer, &forged).await,
+        ));
+        let valid = msg::frame(&Request::Nonce);
+        out.push((
+            "valid_after_all_that".into(),
+            exchange_raw(&mut control, peer, &valid).await,
+        ));
+        driver.abort();
+        Ok(out)
+    })
+}
