@@ -8,7 +8,7 @@ use std::time::Duration;
 
 #[test]
 fn no_running_node_is_a_clear_error() -> TestResult {
-    let dir = tempfile::tempdir()?;
+    let dir = crate::util::tempdir("obnam-test-")?;
     let data = dir.path().join("nothing-here");
     let mut cmd = Command::new(bins().obnam);
     cmd.args(["status", "--json", "--data-dir"]).arg(&data);
@@ -303,7 +303,7 @@ fn the_outbox_cap_is_enforced_without_a_snapshot() -> TestResult {
 
 #[test]
 fn a_long_data_dir_puts_the_socket_elsewhere() -> TestResult {
-    let dir = tempfile::tempdir()?;
+    let dir = crate::util::tempdir("obnam-test-")?;
     let long = dir
         .path()
         .join("a-rather-long-directory-name-for-a-data-directory")

@@ -32,9 +32,7 @@ fn outbox_packs(n: &Node) -> anyhow::Result<u64> {
 
 #[test]
 fn restore_from_another_friend_while_one_is_down() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "replicas = 2\n")?;
     let mut b = node(dir.path(), "b", "")?;
     let c = node(dir.path(), "c", "")?;
@@ -97,9 +95,7 @@ fn restore_from_another_friend_while_one_is_down() -> TestResult {
 
 #[test]
 fn a_stranger_is_refused() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "")?;
     let d = node(dir.path(), "d", "replicas = 1\n")?;
     // D calls A a friend; A never agreed.
@@ -130,9 +126,7 @@ fn a_stranger_is_refused() -> TestResult {
 
 #[test]
 fn a_friend_without_room_is_replaced() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "replicas = 2\n")?;
     let b = node(dir.path(), "b", "")?;
     let c = node(dir.path(), "c", "")?;
@@ -175,9 +169,7 @@ fn a_friend_without_room_is_replaced() -> TestResult {
 
 #[test]
 fn an_unchanged_backup_sends_no_new_packs() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "replicas = 1\n")?;
     let b = node(dir.path(), "b", "")?;
     befriend_all(&[&a, &b])?;
@@ -187,7 +179,10 @@ fn an_unchanged_backup_sends_no_new_packs() -> TestResult {
     let first = a.backup(&[&src], &[], 0)?;
     assert!(first["sent_bytes"].as_u64().unwrap() > 0);
     let hosted = b.status()?["hosted_bytes"].as_u64().unwrap();
+    let quiet = crate::util::quiet_tmp();
+    let _ = a.backup(&[&src], &[], 0)?; // records /tmp as it is now
     let second = a.backup(&[&src], &[], 0)?;
+    drop(quiet);
     assert_eq!(second["sent_bytes"], 0, "{second}");
     assert_eq!(second["stored_bytes"], 0, "{second}");
     assert_eq!(
@@ -200,9 +195,7 @@ fn an_unchanged_backup_sends_no_new_packs() -> TestResult {
 
 #[test]
 fn an_offline_friend_gets_the_snapshot_when_it_returns() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let mut a = node(dir.path(), "a", "replicas = 1\n")?;
     let mut b = node(dir.path(), "b", "")?;
     befriend_all(&[&a, &b])?;
@@ -230,9 +223,7 @@ fn an_offline_friend_gets_the_snapshot_when_it_returns() -> TestResult {
 
 #[test]
 fn a_friend_never_sees_plaintext() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "replicas = 1\n")?;
     let b = node(dir.path(), "b", "")?;
     befriend_all(&[&a, &b])?;
@@ -262,9 +253,7 @@ fn a_friend_never_sees_plaintext() -> TestResult {
 
 #[test]
 fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
-    let dir = tempfile::Builder::new()
-        .prefix("obnam-friends-")
-        .tempdir()?;
+    let dir = crate::util::tempdir("obnam-friends-")?;
     let a = node(dir.path(), "a", "replicas = 1\n")?;
     let b = node(dir.path(), "b", "")?;
     befriend_all(&[&a, &b])?;
@@ -293,5 +282,81 @@ fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
     tree(&src, "m6");
     let report = a.backup(&[&src], &[], 0)?;
     assert_eq!(report["replicas"], 1, "{report}");
+    Ok(())
+}
+
+fn packs_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(packs_below(&p));
+            } else if p.extension().is_some_and(|x| x == "pack") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_damaged_copy_at_one_friend_is_detected_and_named() -> TestResult {
+    let dir = crate::util::tempdir("obnam-friends-")?;
+    let a = node(dir.path(), "a", "replicas = 2\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let mut c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    tree(&src, "m7");
+    a.backup(&[&src], &[], 0)?;
+    // Bit rot at B: every pack it holds for A is damaged.
+    let packs = packs_below(&b.data_dir.join("hosted"));
+    assert!(!packs.is_empty());
+    for p in &packs {
+        let mut bytes = std::fs::read(p)?;
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(p, bytes)?;
+    }
+    // With C online the restore is complete and identical, whichever friend is asked first.
+    let t1 = dir.path().join("t1");
+    a.json(&["restore", "latest", "--target", t1.to_str().unwrap()], 0)?;
+    compare_trees(&src, &restored(&t1, &src), &[])?;
+    // With only B left, nothing is restored from its damaged copies, and B is named.
+    c.stop();
+    let t2 = dir.path().join("t2");
+    let run = a.obnam(&["restore", "latest", "--target", t2.to_str().unwrap()])?;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains(&b.peer_id) && run.stderr.contains("damaged"),
+        "B must be named: {run:?}"
+    );
+    assert!(a.log().contains("damaged copy"), "and logged");
+    assert!(!restored(&t2, &src).join("docs/deep/big.bin").exists());
+    Ok(())
+}
+
+#[test]
+fn every_friend_gets_the_key_slot() -> TestResult {
+    let dir = crate::util::tempdir("obnam-friends-")?;
+    let a = node(dir.path(), "a", "replicas = 1\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    wait_until(
+        "both friends to hold the key slot",
+        Duration::from_secs(30),
+        || {
+            let peers = a.json(&["peer", "list"], 0)?;
+            Ok(peers
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["holds_slot"] == true))
+        },
+    )?;
     Ok(())
 }

@@ -191,10 +191,12 @@ fn snapshots_ls_prefixes_and_partial_restore() -> TestResult {
     write(&src.join("docs/a.txt"), b"alpha");
     write(&src.join("docs/b.txt"), b"beta");
     write(&src.join("music/song"), &noise(300_000, 3));
+    let quiet = crate::util::quiet_tmp();
     let first = f
         .node
         .backup(&[&src], &["--tag", "daily", "--tag", "first"], 0)?;
     let second = f.node.backup(&[&src], &[], 0)?;
+    drop(quiet);
     assert_eq!(
         second["new_bytes"], 0,
         "unchanged backup stored data: {second}"
@@ -351,7 +353,7 @@ fn chown_all(path: &Path, uid: u32) {
 #[test]
 fn unreadable_file_is_reported_and_the_backup_goes_on() -> TestResult {
     const NOBODY: u32 = 65534;
-    let dir = tempfile::Builder::new().prefix("obnam-test-").tempdir()?;
+    let dir = crate::util::tempdir("obnam-test-")?;
     let mut node =
         obnam_simulations::Node::new(&crate::util::bins(), "node", &dir.path().join("node"), "")?;
     let src = dir.path().join("src");

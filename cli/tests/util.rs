@@ -20,7 +20,7 @@ pub struct Fixture {
 impl Fixture {
     /// A started node (not initialised) with `config` appended to its config file.
     pub fn started(config: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("obnam-test-").tempdir()?;
+        let dir = tempdir("obnam-test-")?;
         let mut node = Node::new(&bins(), "node", &dir.path().join("node"), config)?;
         node.start()?;
         Ok(Self { dir, node })
@@ -58,4 +58,20 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Creating a temporary directory changes the mtime of `/tmp`, which every snapshot of a path
+/// below it records (as restic does). Tests create theirs under a shared lock; tests that check
+/// that an unchanged backup stores nothing hold it exclusively across their backups.
+static TMP_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A temporary directory, created under the shared lock.
+pub fn tempdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    let _shared = TMP_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
+}
+
+/// Keeps other tests from creating temporary directories while held.
+pub fn quiet_tmp() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TMP_LOCK.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -30,8 +30,10 @@ pub struct NodeConfig {
     pub replication_timeout_secs: u64,
     /// redb page cache in MiB.
     pub db_cache_mib: usize,
-    /// Enable mDNS discovery (off: it sends multicast on the LAN).
+    /// Enable mDNS discovery of friends on the LAN (off: it sends multicast on the LAN).
     pub mdns: bool,
+    /// Ask the router for a port mapping with UPnP (off: it talks to the router).
+    pub upnp: bool,
     /// Friends that hold every pack and head of this owner.
     pub replicas: u32,
     /// Seconds between replication rounds (a round also runs after a backup and on connect).
@@ -54,6 +56,7 @@ impl Default for NodeConfig {
             replication_timeout_secs: 60,
             db_cache_mib: 64,
             mdns: false,
+            upnp: false,
             replicas: 3,
             replication_interval_secs: 30,
             request_timeout_secs: 60,

@@ -146,6 +146,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         idle_timeout: Duration::from_secs(config.idle_connection_timeout_secs),
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         mdns: config.mdns,
+        upnp: config.upnp,
     };
     let (net, net_task) = net::start(key, net_config, server).await?;
     let _ = repo.remote.set(crate::repo::Remote::new(

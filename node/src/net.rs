@@ -5,7 +5,8 @@
 //! Transport: TCP + Noise + Yamux. Behaviours, in order: connection limits (first, to bound the
 //! handshake work a stranger can cause), identify, ping, the exchange protocol
 //! (request-response with the bounded postcard [`ExchangeCodec`]) and pack streams
-//! (libp2p-stream). mDNS is opt-in (`mdns = true` in the config) and off in every test.
+//! (libp2p-stream). mDNS and UPnP are opt-in (`mdns = true`, `upnp = true` in the config): both
+//! send traffic beyond this machine, so they are off by default and in every test.
 //!
 //! Inbound requests are answered by [`crate::serve`] on blocking threads; at most
 //! [`MAX_INBOUND`] run at once and the rest are answered `Busy` at once. Inbound pack streams
@@ -153,6 +154,7 @@ pub(crate) struct Behaviour {
     rr: request_response::Behaviour<ExchangeCodec>,
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    upnp: Toggle<libp2p::upnp::tokio::Behaviour>,
 }
 
 /// What the event loop is asked to do.
@@ -248,6 +250,8 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Enable mDNS.
     pub mdns: bool,
+    /// Enable UPnP port mapping on the router.
+    pub upnp: bool,
 }
 
 /// Starts the swarm and listens. Returns once every address is bound.
@@ -261,6 +265,7 @@ pub async fn start(
 ) -> Result<(Net, tokio::task::JoinHandle<()>), NodeError> {
     let peer_id = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
+    let upnp_on = cfg.upnp;
     let request_timeout = cfg.request_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -300,6 +305,7 @@ pub async fn start(
                 ),
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
+                upnp: Toggle::from(upnp_on.then(libp2p::upnp::tokio::Behaviour::default)),
             }
         })
         .map_err(|e| NodeError::Net(format!("setting up behaviours: {e}")))?

@@ -84,12 +84,13 @@ pub enum Upload {
     Refused(WireError),
 }
 
-/// Streams one pack file to a friend.
+/// Streams one pack file to a friend over an open pack stream (one long-lived stream carries
+/// all the packs of a replication round; each is acknowledged before the next).
 ///
 /// # Errors
 /// [`NodeError::Net`] or [`NodeError::Io`] when the transfer breaks.
 pub async fn upload(
-    net: &Net,
+    stream: &mut libp2p::Stream,
     peer: PeerId,
     owner: OwnerId,
     pack: PackId,
@@ -103,13 +104,12 @@ pub async fn upload(
         .await
         .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?
         .len();
-    let mut stream = net.open_stream(peer).await?;
     let broken =
         |e: std::io::Error| NodeError::Net(format!("sending pack {} to {peer}: {e}", pack.short()));
-    write_frame(&mut stream, &StreamRequest::Put { owner, pack, len })
+    write_frame(stream, &StreamRequest::Put { owner, pack, len })
         .await
         .map_err(broken)?;
-    let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+    let reply: Option<StreamReply> = read_frame(stream, MAX_STREAM_HEADER)
         .await
         .map_err(|e| NodeError::Net(format!("{peer}: {e}")))?;
     match reply {
@@ -133,10 +133,9 @@ pub async fn upload(
         left -= n as u64;
     }
     stream.flush().await.map_err(broken)?;
-    let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+    let reply: Option<StreamReply> = read_frame(stream, MAX_STREAM_HEADER)
         .await
         .map_err(|e| NodeError::Net(format!("{peer}: {e}")))?;
-    let _ = stream.close().await;
     match reply {
         Some(StreamReply::Stored { already: false }) => Ok(Upload::Stored),
         Some(StreamReply::Stored { already: true }) => Ok(Upload::Already),

@@ -235,9 +235,12 @@ impl Replicator {
         }
         let set = self.replica_set(&friends)?;
         let owner = Arc::new(owner);
-        let work = set
-            .iter()
-            .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner)));
+        // Every friend gets the key slot (recovery needs only one of them); the replica set gets
+        // the data too.
+        let work = friends.iter().map(|f| {
+            let in_set = set.iter().any(|s| s.peer_id == f.peer_id);
+            self.sync_friend(f.clone(), Arc::clone(&owner), in_set)
+        });
         futures::future::join_all(work).await;
         // A friend that refused for quota left the set: run again so its replacement catches up.
         if set.iter().any(|f| {
@@ -251,24 +254,27 @@ impl Replicator {
             let work = set2
                 .iter()
                 .filter(|f| !set.iter().any(|s| s.peer_id == f.peer_id))
-                .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner)));
+                .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner), true));
             futures::future::join_all(work).await;
         }
         self.evict(&friends)
     }
 
-    async fn sync_friend(&self, f: Friend, owner: Arc<Owner>) {
+    async fn sync_friend(&self, f: Friend, owner: Arc<Owner>, data: bool) {
         let Some(peer) = peer_of(&f) else { return };
-        if let Err(e) = self.sync_friend_inner(peer, &f, &owner).await {
+        if let Err(e) = self.sync_friend_inner(peer, &f, &owner, data).await {
             self.note_error(peer, e.full_message());
         }
     }
 
+    /// Pushes the key slot (to every friend) and, when `data`, packs and the head (to members of
+    /// the replica set).
     async fn sync_friend_inner(
         &self,
         peer: PeerId,
         f: &Friend,
         owner: &Owner,
+        data: bool,
     ) -> Result<(), NodeError> {
         let store = &self.repo.store;
         self.net.add_addrs(peer, addrs_of(f)).await?;
@@ -290,7 +296,11 @@ impl Replicator {
                 other => return Err(NodeError::Net(format!("{peer} answered {other:?}"))),
             }
         }
+        if !data {
+            return Ok(());
+        }
         let mut all_held = true;
+        let mut stream: Option<libp2p::Stream> = None;
         for (id, rec) in store.packs()? {
             if store.holders(&id)?.contains(&f.peer_id) {
                 continue;
@@ -300,14 +310,24 @@ impl Replicator {
                 all_held = false;
                 continue;
             }
+            let s = match stream.as_mut() {
+                Some(s) => s,
+                None => stream.insert(self.net.open_stream(peer).await?),
+            };
             let mut result =
-                peers::upload(&self.net, peer, owner_id, id, &self.repo.outbox.path(&id)).await?;
+                peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await;
+            if result.is_err() {
+                // The stream broke (or the friend's accept queue dropped it): one fresh try.
+                let s = stream.insert(self.net.open_stream(peer).await?);
+                result = peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await;
+            }
+            let mut result = result?;
             if let Upload::Refused(e) = &result
                 && e.code == ErrorCode::Unproven
             {
                 peers::prove(&self.net, peer, keys).await?;
-                result = peers::upload(&self.net, peer, owner_id, id, &self.repo.outbox.path(&id))
-                    .await?;
+                let s = stream.insert(self.net.open_stream(peer).await?);
+                result = peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await?;
             }
             match result {
                 Upload::Stored | Upload::Already => {
@@ -325,6 +345,9 @@ impl Replicator {
                 }
                 Upload::Refused(e) => return Err(crate::serve::wire_error(&peer, &e)),
             }
+        }
+        if let Some(mut s) = stream.take() {
+            let _ = futures::AsyncWriteExt::close(&mut s).await;
         }
         if !all_held {
             return Ok(());

@@ -161,7 +161,8 @@ impl Node {
     pub fn new(bins: &Bins, name: &str, data_dir: &Path, config: &str) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
-        let text = format!("listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n{config}");
+        let text =
+            format!("listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nupnp = false\n{config}");
         std::fs::write(data_dir.join("config.toml"), text)?;
         Ok(Self {
             name: name.into(),
