@@ -275,6 +275,17 @@ fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
         answers["valid_after_all_that"].starts_with("Nonce"),
         "{answers:?}"
     );
+    assert_eq!(answers["real_proof"], "Ok", "{answers:?}");
+    assert_eq!(answers["wrong_hash_put"], "BadPack", "{answers:?}");
+    assert_eq!(
+        answers["good_put"], "Some(Stored { already: false })",
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers["same_put_again"], "Some(Stored { already: true })",
+        "a stored pack is a no-op without a body: {answers:?}"
+    );
+    assert_eq!(answers["garbage_head"], "Malformed", "{answers:?}");
     assert!(b.log().contains("bad request"), "B logs the bad input");
     // B still serves its real friend.
     a.init("alice")?;

@@ -49,6 +49,53 @@ async fn exchange_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes:
     }
 }
 
+async fn exchange_decoded(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    bytes: &[u8],
+) -> Option<Response> {
+    let mut s = control
+        .open_stream(peer, StreamProtocol::new(msg::EXCHANGE_PROTOCOL))
+        .await
+        .ok()?;
+    s.write_all(bytes).await.ok()?;
+    s.close().await.ok()?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; (u32::from_le_bytes(len) as usize).min(msg::MAX_MESSAGE)];
+    s.read_exact(&mut body).await.ok()?;
+    msg::decode("response", &body, msg::MAX_MESSAGE).ok()
+}
+
+/// A put with its body: returns the final answer.
+async fn put_raw(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    header: &mut Vec<u8>,
+    body: &[u8],
+) -> String {
+    let mut s = match control
+        .open_stream(peer, StreamProtocol::new(msg::PACKS_PROTOCOL))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return format!("open failed: {e}"),
+    };
+    let _ = s.write_all(header).await;
+    match crate::serve::read_frame::<StreamReply>(&mut s, msg::MAX_STREAM_HEADER).await {
+        Ok(Some(StreamReply::Ready)) => {}
+        Ok(Some(StreamReply::Error(e))) => return format!("{:?}", e.code),
+        other => return format!("{other:?}"),
+    }
+    let _ = s.write_all(body).await;
+    let _ = s.flush().await;
+    match crate::serve::read_frame::<StreamReply>(&mut s, msg::MAX_STREAM_HEADER).await {
+        Ok(Some(StreamReply::Error(e))) => format!("{:?}", e.code),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("no answer: {e}"),
+    }
+}
+
 async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> String {
     let mut s = match control
         .open_stream(peer, StreamProtocol::new(msg::PACKS_PROTOCOL))
@@ -89,6 +136,7 @@ pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, Nod
                 ));
             }
         };
+        let local = key(seed)?.public().to_peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
             .with_tokio()
             .with_tcp(
@@ -167,10 +215,65 @@ pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, Nod
             "forged_proof".into(),
             exchange_raw(&mut control, peer, &forged).await,
         ));
-        let valid = msg::frame(&Request::Nonce);
+        // With an owner key of its own, proved properly, the rogue may store packs for that owner,
+        // but only packs whose bytes hash to their id; a stored pack is a cheap no-op.
+        let owner_key = ed25519_dalek::SigningKey::from_bytes(&[seed.wrapping_add(100); 32]);
+        let owner = OwnerId(owner_key.verifying_key().to_bytes());
+        let nonce = match exchange_decoded(&mut control, peer, &msg::frame(&Request::Nonce)).await {
+            Some(Response::Nonce(n)) => n,
+            other => return Err(NodeError::Net(format!("no nonce: {other:?}"))),
+        };
+        out.push(("valid_after_all_that".into(), "Nonce".into()));
+        let payload = OwnerProof::payload(&owner, &nonce, &local.to_bytes(), &peer.to_bytes());
+        let sig = ed25519_dalek::Signer::sign(
+            &owner_key,
+            &obnam_protocol::signed::message(obnam_protocol::signed::CONTEXT_OWNER_PROOF, &payload),
+        );
+        let proof = msg::frame(&Request::ProveOwner(OwnerProof {
+            owner,
+            nonce,
+            signature: sig.to_bytes().to_vec(),
+        }));
         out.push((
-            "valid_after_all_that".into(),
-            exchange_raw(&mut control, peer, &valid).await,
+            "real_proof".into(),
+            exchange_raw(&mut control, peer, &proof).await,
+        ));
+        let body = vec![0x5au8; 1000];
+        let mut wrong = msg::frame(&StreamRequest::Put {
+            owner,
+            pack: PackId([1; 32]),
+            len: body.len() as u64,
+        });
+        out.push((
+            "wrong_hash_put".into(),
+            put_raw(&mut control, peer, &mut wrong, &body).await,
+        ));
+        let good_id = PackId::of(&body);
+        let mut good = msg::frame(&StreamRequest::Put {
+            owner,
+            pack: good_id,
+            len: body.len() as u64,
+        });
+        out.push((
+            "good_put".into(),
+            put_raw(&mut control, peer, &mut good, &body).await,
+        ));
+        let again = msg::frame(&StreamRequest::Put {
+            owner,
+            pack: good_id,
+            len: body.len() as u64,
+        });
+        out.push((
+            "same_put_again".into(),
+            packs_raw(&mut control, peer, &again).await,
+        ));
+        let garbage_head = msg::frame(&Request::PutHead {
+            owner,
+            head: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
+        });
+        out.push((
+            "garbage_head".into(),
+            exchange_raw(&mut control, peer, &garbage_head).await,
         ));
         driver.abort();
         Ok(out)
