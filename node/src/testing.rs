@@ -71,7 +71,7 @@ async fn exchange_decoded(
 async fn put_raw(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
-    header: &mut Vec<u8>,
+    header: &[u8],
     body: &[u8],
 ) -> String {
     let mut s = match control
@@ -239,24 +239,24 @@ pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, Nod
             exchange_raw(&mut control, peer, &proof).await,
         ));
         let body = vec![0x5au8; 1000];
-        let mut wrong = msg::frame(&StreamRequest::Put {
+        let wrong = msg::frame(&StreamRequest::Put {
             owner,
             pack: PackId([1; 32]),
             len: body.len() as u64,
         });
         out.push((
             "wrong_hash_put".into(),
-            put_raw(&mut control, peer, &mut wrong, &body).await,
+            put_raw(&mut control, peer, &wrong, &body).await,
         ));
         let good_id = PackId::of(&body);
-        let mut good = msg::frame(&StreamRequest::Put {
+        let good = msg::frame(&StreamRequest::Put {
             owner,
             pack: good_id,
             len: body.len() as u64,
         });
         out.push((
             "good_put".into(),
-            put_raw(&mut control, peer, &mut good, &body).await,
+            put_raw(&mut control, peer, &good, &body).await,
         ));
         let again = msg::frame(&StreamRequest::Put {
             owner,
