@@ -56,6 +56,16 @@ pub enum Command {
     /// Friends: the nodes that store your backups, and whose backups you store.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// The local index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+}
+
+/// `obnam index`.
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Rebuild the local index (chunks, packs, holders, snapshots) from what the friends hold.
+    Rebuild,
 }
 
 /// `obnam peer`.
@@ -114,6 +124,10 @@ pub struct InitArgs {
     /// Accept a passphrase that the strength check rejects.
     #[arg(long)]
     pub weak_passphrase_ok: bool,
+    /// Recover the keys of an existing owner from a friend (a new machine): needs the owner name,
+    /// the passphrase, and one friend added with `obnam peer add`.
+    #[arg(long)]
+    pub recover: bool,
 }
 
 /// `obnam passphrase`.

@@ -1,8 +1,8 @@
 //! One function per command: build the request, send it, print the reply.
 
 use crate::args::{
-    BackupArgs, Cli, Command, Global, InitArgs, LsArgs, PassphraseArgs, PassphraseCommand,
-    PeerAddArgs, PeerCommand, RestoreArgs,
+    BackupArgs, Cli, Command, Global, IndexCommand, InitArgs, LsArgs, PassphraseArgs,
+    PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs,
 };
 use crate::exit;
 use crate::output::{self, Reporter, bytes, print_json, time};
@@ -113,6 +113,9 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Status => status(&g),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
         Command::Peer(PeerCommand::Add(a)) => peer_add(&g, a),
+        Command::Index(IndexCommand::Rebuild) => {
+            recovered(&g, Request::IndexRebuild, "rebuilding the index")
+        }
         Command::Peer(PeerCommand::List) => peer_list(&g),
         Command::Peer(PeerCommand::Remove { peer_id }) => peer_remove(&g, peer_id),
     }
@@ -125,7 +128,10 @@ fn init(g: &Global, a: InitArgs) -> Result<u8, Failure> {
             .or_else(|_| std::env::var("LOGNAME"))
             .map_err(|_| anyhow!("cannot tell your login name: pass --name"))?,
     };
-    let passphrase = passphrase(a.passphrase_file.as_deref(), true)?;
+    let passphrase = passphrase(a.passphrase_file.as_deref(), !a.recover)?;
+    if a.recover {
+        return recovered(g, Request::Recover { name, passphrase }, "recovering");
+    }
     let req = Request::Init(InitRequest {
         name,
         passphrase,
@@ -599,6 +605,40 @@ fn peer_remove(g: &Global, peer_id: String) -> Result<u8, Failure> {
                 println!(
                     "{peer_id} is no longer a friend. The data stored for it stays until you delete it."
                 );
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+fn recovered(g: &Global, req: Request, what: &str) -> Result<u8, Failure> {
+    match call(g, req, what)? {
+        Reply::Recovered(r) => {
+            if g.json {
+                print_json(&json!({
+                    "name": r.name, "owner": r.owner.to_hex(), "head_seq": r.head_seq, "snapshots": r.snapshots,
+                    "packs": r.packs, "chunks": r.chunks, "friends_added": r.friends_added,
+                    "took_over": r.took_over, "warnings": r.warnings,
+                }));
+            } else {
+                println!("owner {:?} ({})", r.name, r.owner.short());
+                println!(
+                    "{} snapshots (head {}), {} packs and {} chunks indexed",
+                    r.snapshots, r.head_seq, r.packs, r.chunks
+                );
+                for f in &r.friends_added {
+                    println!("friend learned from the head: {f}");
+                }
+                if !r.took_over.is_empty() {
+                    println!(
+                        "{} friends accept this node as the owner's writer",
+                        r.took_over.len()
+                    );
+                }
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
             }
             Ok(exit::OK)
         }

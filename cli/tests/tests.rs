@@ -6,3 +6,4 @@ mod util;
 mod errors;
 mod friends;
 mod one_node;
+mod recovery;

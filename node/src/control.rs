@@ -181,9 +181,13 @@ async fn dispatch(
             blocking(move || keys::check_passphrase(&repo.paths.secrets(), &passphrase).map(|name| Reply::PassphraseOk { name })).await
         }
         Request::Backup(req) => {
-            // Fail fast on a bad secrets file rather than after waiting for the lock.
+            // Fail fast on a bad secrets file or index rather than after waiting for the lock.
             let check = repo.clone();
-            blocking(move || check.owner().map(|_| ())).await?;
+            blocking(move || {
+                check.owner()?;
+                check.check_index()
+            })
+            .await?;
             let _guard = match daemon.backup_lock.try_lock() {
                 Ok(g) => g,
                 Err(_) => {
@@ -198,7 +202,32 @@ async fn dispatch(
             wait_for_replicas(daemon, report, timeout, &tx).await.map(Reply::Backup)
         }
         Request::Snapshots => blocking(move || {
-            repo.owner()?;
+            let owner = repo.owner()?;
+            repo.check_index()?;
+            // Friends may hold a newer head (written by another node of this owner, or before a
+            // recovery): ask them, adopt the newest, and name stale friends and forks.
+            if let Some(remote) = repo.remote.get() {
+                let friends = crate::recover::friend_peers(&repo, remote)?;
+                if !friends.is_empty() {
+                    let survey = remote.handle.block_on(async {
+                        tokio::time::timeout(std::time::Duration::from_secs(repo.config.request_timeout_secs), crate::recover::survey_heads(remote, &owner.keys, &friends)).await
+                    });
+                    if let Ok(survey) = survey {
+                        let local = current_seq(&repo)?;
+                        if let Some((bytes, head)) = &survey.best
+                            && head.seq > local
+                        {
+                            crate::recover::adopt_head(&repo, &owner.keys, bytes, head)?;
+                        }
+                        for s in &survey.stale {
+                            let _ = tx.blocking_send(Event::Warning(format!("stale friend: {s}")));
+                        }
+                        for f in &survey.forks {
+                            let _ = tx.blocking_send(Event::Warning(format!("fork: {f}")));
+                        }
+                    }
+                }
+            }
             let list = repo
                 .store
                 .snapshots()?
@@ -218,13 +247,62 @@ async fn dispatch(
         .await,
         Request::Ls(req) => {
             let events = ChanEvents(tx);
-            blocking(move || restore::ls(&repo, &req, &events).map(|(snapshot, entries)| Reply::Ls { snapshot, entries })).await
+            blocking(move || {
+                repo.check_index()?;
+                restore::ls(&repo, &req, &events).map(|(snapshot, entries)| Reply::Ls { snapshot, entries })
+            })
+            .await
         }
         Request::Restore(req) => {
             let events = ChanEvents(tx);
-            blocking(move || restore::restore(&repo, &req, &events).map(Reply::Restore)).await
+            blocking(move || {
+                repo.check_index()?;
+                restore::restore(&repo, &req, &events).map(Reply::Restore)
+            })
+            .await
         }
         Request::PeerAdd(req) => peer_add(daemon, req).await,
+        Request::Recover { name, passphrase } => {
+            blocking(move || {
+                let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
+                let r = crate::recover::recover(&repo, remote, &name, &passphrase)?;
+                let mut warnings = r.warnings;
+                warnings.extend(r.rebuilt.failed);
+                Ok(Reply::Recovered(obnam_protocol::control::RecoverReply {
+                    name,
+                    owner: r.owner,
+                    head_seq: r.head_seq,
+                    snapshots: r.snapshots,
+                    packs: r.rebuilt.packs,
+                    chunks: r.rebuilt.chunks,
+                    friends_added: r.friends_added,
+                    took_over: r.took_over,
+                    warnings,
+                }))
+            })
+            .await
+            .inspect(|_| daemon.replicator.wake())
+        }
+        Request::IndexRebuild => {
+            blocking(move || {
+                let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
+                let owner = repo.owner()?;
+                let (rebuilt, mut warnings) = crate::recover::rebuild(&repo, remote)?;
+                warnings.extend(rebuilt.failed);
+                Ok(Reply::Recovered(obnam_protocol::control::RecoverReply {
+                    name: owner.name.clone(),
+                    owner: owner.keys.owner_id(),
+                    head_seq: current_seq(&repo)?,
+                    snapshots: repo.store.snapshots()?.len() as u64,
+                    packs: rebuilt.packs,
+                    chunks: rebuilt.chunks,
+                    friends_added: Vec::new(),
+                    took_over: Vec::new(),
+                    warnings,
+                }))
+            })
+            .await
+        }
         Request::PeerList => {
             let d = Arc::clone(daemon);
             blocking(move || {

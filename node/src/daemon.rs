@@ -132,10 +132,17 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     };
     let local_peer = key.public().to_peer_id();
     let wake = Arc::new(tokio::sync::Notify::new());
+    // Fake key slots for unknown lookup ids are keyed by a secret derived from the node key, so
+    // they are stable across restarts and differ between nodes.
+    let node_secret = zeroize::Zeroizing::new(
+        std::fs::read(paths.node_key()).map_err(|e| NodeError::io("reading the node key", e))?,
+    );
+    let probe_secret = blake3::derive_key("obnam 2026-11 key slot probe answers v1", &node_secret);
     let server = Arc::new(crate::serve::Server::new(
         repo.store.clone(),
         paths.data.join("hosted"),
         local_peer,
+        probe_secret,
         Box::new({
             let wake = Arc::clone(&wake);
             move |_| wake.notify_one()

@@ -127,6 +127,22 @@ pub enum NodeError {
         /// The `--data-dir` hint to show.
         hint: String,
     },
+    /// No friend holds a key slot that this name and passphrase open.
+    #[error(
+        "no reachable friend holds a key slot for owner name {name:?} and this passphrase ({asked} friends asked): check the name and the passphrase"
+    )]
+    NoSlot {
+        /// The owner name tried.
+        name: String,
+        /// Friends asked.
+        asked: usize,
+    },
+    /// The local index is missing or damaged.
+    #[error("the local index {reason}: run `obnam index rebuild` to rebuild it from your friends")]
+    IndexMissing {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The control connection broke or carried garbage.
     #[error("control connection: {0}")]
     Control(String),
@@ -166,6 +182,8 @@ impl NodeError {
             NodeError::Shutdown => "shutdown",
             NodeError::NotRunning { .. } => "not_running",
             NodeError::Control(_) => "control",
+            NodeError::NoSlot { .. } => "no_slot",
+            NodeError::IndexMissing { .. } => "index_missing",
         }
     }
 

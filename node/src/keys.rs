@@ -240,6 +240,38 @@ pub fn init(path: &Path, name: &str, passphrase: &str) -> Result<Owner, NodeErro
     })
 }
 
+/// Writes the secrets file of a recovered owner (master secret from a friend's key slot).
+///
+/// # Errors
+/// [`NodeError::AlreadyInitialized`] or I/O errors.
+pub fn write_recovered(
+    path: &Path,
+    name: &str,
+    master: &MasterSecret,
+    slot: Vec<u8>,
+    lookup: LookupId,
+) -> Result<Owner, NodeError> {
+    if path.exists() {
+        let existing = load_secrets(path)?;
+        return Err(NodeError::AlreadyInitialized {
+            name: existing.name.clone(),
+        });
+    }
+    let file = SecretsFile {
+        name: name.to_owned(),
+        master: master.0.to_vec(),
+        slot: slot.clone(),
+        lookup,
+    };
+    write_secrets(path, &file)?;
+    Ok(Owner {
+        name: name.to_owned(),
+        slot,
+        lookup,
+        keys: Keys::derive(master),
+    })
+}
+
 fn write_secrets(path: &Path, file: &SecretsFile) -> Result<(), NodeError> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);

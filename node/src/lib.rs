@@ -20,6 +20,7 @@
 //! | [`serve`] | the storage role: answering friends' requests and pack streams |
 //! | [`peers`] | talking to friends as a client: owner proofs, uploads, fetches |
 //! | [`replication`] | the actor that keeps packs and the head on the replica set |
+//! | [`recover`] | recovery with name and passphrase, head survey, index rebuild |
 //! | [`control`] | the local control socket, server and client |
 //! | [`daemon`] | start-up and shutdown |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -36,6 +37,7 @@ pub mod net;
 pub mod outbox;
 pub mod pack;
 pub mod peers;
+pub mod recover;
 pub mod replication;
 pub mod repo;
 pub mod restore;

@@ -216,3 +216,69 @@ pub async fn fetch(
         "friend {peer} kept asking for an owner proof"
     )))
 }
+
+/// Fetches `len` bytes of a pack from `offset` (a multiple of 64 KiB) into memory. For small
+/// ranges only: pack trailers and indexes.
+///
+/// # Errors
+/// [`NodeError::Net`] naming the friend.
+pub async fn fetch_range(
+    net: &Net,
+    peer: PeerId,
+    keys: &Keys,
+    pack: PackId,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, NodeError> {
+    let owner = keys.owner_id();
+    for attempt in 0..2 {
+        let mut stream = net.open_stream(peer).await?;
+        let broken = |e: String| {
+            NodeError::Net(format!(
+                "fetching part of pack {} from {peer}: {e}",
+                pack.short()
+            ))
+        };
+        write_frame(
+            &mut stream,
+            &StreamRequest::Get {
+                owner,
+                pack,
+                offset,
+                len,
+            },
+        )
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+        let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+            .await
+            .map_err(broken)?;
+        let got = match reply {
+            Some(StreamReply::Data { len }) => len,
+            Some(StreamReply::Error(WireError {
+                code: ErrorCode::Unproven,
+                ..
+            })) if attempt == 0 => {
+                prove(net, peer, keys).await?;
+                continue;
+            }
+            Some(StreamReply::Error(e)) => return Err(wire_error(&peer, &e)),
+            other => return Err(broken(format!("unexpected answer {other:?}"))),
+        };
+        if got > len
+            || got > obnam_protocol::pack::MAX_INDEX_LEN as u64 + obnam_protocol::pack::PACK_ALIGN
+        {
+            return Err(broken(format!("{got} bytes is more than asked for")));
+        }
+        let mut buf = vec![0u8; usize::try_from(got).unwrap_or(0)];
+        stream
+            .read_exact(&mut buf)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        let _ = stream.close().await;
+        return Ok(buf);
+    }
+    Err(NodeError::Net(format!(
+        "friend {peer} kept asking for an owner proof"
+    )))
+}

@@ -52,6 +52,8 @@ pub struct Replicator {
     progress: watch::Sender<u64>,
     sent: AtomicU64,
     errors: Mutex<HashMap<PeerId, String>>,
+    /// Friends that accepted our takeover statement in this run.
+    took_over: Mutex<HashSet<PeerId>>,
 }
 
 fn peer_of(f: &Friend) -> Option<PeerId> {
@@ -76,6 +78,7 @@ impl Replicator {
             progress,
             sent: AtomicU64::new(0),
             errors: Mutex::new(HashMap::new()),
+            took_over: Mutex::new(HashSet::new()),
         })
     }
 
@@ -276,6 +279,37 @@ impl Replicator {
         owner: &Owner,
         data: bool,
     ) -> Result<(), NodeError> {
+        // After a recovery, every friend must accept this node as the owner's writer, including
+        // friends that were away then: send the stored takeover statement once per run.
+        let taken = self
+            .took_over
+            .lock()
+            .map(|t| t.contains(&peer))
+            .unwrap_or(false);
+        if !taken && let Some(bytes) = self.repo.store.meta("takeover")? {
+            self.net.add_addrs(peer, addrs_of(f)).await?;
+            let statement: obnam_protocol::msg::TakeoverStatement =
+                obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(
+                    |e| NodeError::Corrupt {
+                        what: "takeover statement".into(),
+                        source: e,
+                    },
+                )?;
+            peers::prove(&self.net, peer, &owner.keys).await?;
+            match self.net.request(peer, Request::Takeover(statement)).await? {
+                Response::Ok => tracing::info!(%peer, "friend accepted the takeover"),
+                Response::Error(e) if e.code == ErrorCode::NotFound => {}
+                Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
+                other => {
+                    return Err(NodeError::Net(format!(
+                        "{peer} answered {other:?} to a takeover"
+                    )));
+                }
+            }
+            if let Ok(mut t) = self.took_over.lock() {
+                t.insert(peer);
+            }
+        }
         let store = &self.repo.store;
         self.net.add_addrs(peer, addrs_of(f)).await?;
         let keys = &owner.keys;
@@ -298,6 +332,33 @@ impl Replicator {
         }
         if !data {
             return Ok(());
+        }
+        // Packs we do not know the friend to hold, and cannot send from the outbox: it may hold
+        // them already (after a recovery, or an index rebuild while it was away). Ask.
+        let unknown: Vec<_> = store
+            .packs()?
+            .into_iter()
+            .filter(|(id, rec)| {
+                !rec.in_outbox
+                    && !store
+                        .holders(id)
+                        .map(|h| h.contains(&f.peer_id))
+                        .unwrap_or(false)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for batch in unknown.chunks(obnam_protocol::msg::MAX_HAVE) {
+            let req = Request::Have {
+                owner: owner_id,
+                packs: batch.to_vec(),
+            };
+            if let Response::Have(flags) = peers::owner_request(&self.net, peer, keys, req).await? {
+                for (id, held) in batch.iter().zip(flags) {
+                    if held {
+                        store.add_placement(id, &f.peer_id)?;
+                    }
+                }
+            }
         }
         let mut all_held = true;
         let mut stream: Option<libp2p::Stream> = None;

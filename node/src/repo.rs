@@ -59,6 +59,8 @@ pub struct Repo {
     pub outbox: Outbox,
     /// The network, once started.
     pub remote: std::sync::Arc<std::sync::OnceLock<Remote>>,
+    /// Why the local index cannot be trusted, until `obnam index rebuild` runs.
+    index_problem: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Repo {
@@ -67,12 +69,31 @@ impl Repo {
     /// # Errors
     /// [`NodeError::Store`] or [`NodeError::Io`].
     pub fn open(paths: Paths, config: NodeConfig) -> Result<Self, NodeError> {
-        let store = Store::open(
-            &paths.database(),
-            &StoreOptions {
-                cache_bytes: config.db_cache_mib * 1024 * 1024,
-            },
-        )?;
+        let db = paths.database();
+        let initialised = paths.secrets().exists();
+        let existed = db.exists();
+        let opts = StoreOptions {
+            cache_bytes: config.db_cache_mib * 1024 * 1024,
+        };
+        let mut problem = None;
+        let store = match Store::open(&db, &opts) {
+            Ok(s) => s,
+            Err(e) if initialised => {
+                // Keep the damaged file for inspection and start afresh; commands refuse to run
+                // until the index is rebuilt from the friends.
+                let aside = db.with_extension(format!("redb.damaged-{}", now_ns()));
+                std::fs::rename(&db, &aside)
+                    .map_err(|io| NodeError::io(format!("moving aside {}", db.display()), io))?;
+                tracing::error!(error = %e, saved = %aside.display(), "the index database is damaged");
+                problem = Some(format!("was damaged ({e}; kept as {})", aside.display()));
+                Store::open(&db, &opts)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if initialised && !existed && problem.is_none() {
+            tracing::error!(path = %db.display(), "the index database is missing");
+            problem = Some(format!("{} is missing", db.display()));
+        }
         let outbox = Outbox::open(paths.outbox())?;
         Ok(Self {
             paths,
@@ -80,7 +101,26 @@ impl Repo {
             store,
             outbox,
             remote: std::sync::Arc::new(std::sync::OnceLock::new()),
+            index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
         })
+    }
+
+    /// Refuses to work on a missing or damaged index.
+    ///
+    /// # Errors
+    /// [`NodeError::IndexMissing`] naming `obnam index rebuild`.
+    pub fn check_index(&self) -> Result<(), NodeError> {
+        match self.index_problem.lock().ok().and_then(|p| p.clone()) {
+            Some(reason) => Err(NodeError::IndexMissing { reason }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the index as rebuilt.
+    pub fn index_ok(&self) {
+        if let Ok(mut p) = self.index_problem.lock() {
+            *p = None;
+        }
     }
 
     /// Loads the owner's keys from the secrets file (checking its mode every time).
@@ -219,6 +259,17 @@ impl Repo {
             id,
             record: record.clone(),
         });
+        // The friend list travels sealed in the head, so a recovered node finds all friends.
+        body.friends = self
+            .store
+            .friends()?
+            .into_iter()
+            .map(|f| obnam_protocol::snapshot::FriendRecord {
+                peer_id: f.peer_id,
+                name: f.name,
+                addrs: f.addrs,
+            })
+            .collect();
         let sealed_body = seal::seal_blob(
             keys,
             DOMAIN_HEAD_BODY,

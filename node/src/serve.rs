@@ -1,9 +1,14 @@
 //! The storage role: answers friends' requests and pack streams.
 //!
 //! Every request is authorised here, in its handler:
-//! - the sender must be a friend (`obnam peer add`), or it is refused with `NotFriend` and logged;
-//! - requests about an owner's data also need the owner bound to the sending node, which happens
-//!   when the node proves the owner key ([`OwnerProof`]) over a nonce we chose.
+//! - a node that is not a friend may only fetch a key slot by lookup id (an unknown id gets a
+//!   stable fake, so probing learns nothing; lookups are rate-limited per node and in total) and
+//!   prove an owner key; anything else is refused with `NotFriend` and logged;
+//! - a node that proved an owner key ([`OwnerProof`], over a nonce we chose) may read that
+//!   owner's heads, packs and pack list;
+//! - writes for an owner need a friend bound to the owner: the first friend that proves the key
+//!   is bound, and a signed takeover statement moves the binding (and the friendship) to a
+//!   recovered node, after which the old node's writes are refused.
 //!
 //! Pack bodies are written to a temporary file on a blocking thread while they are hashed; the
 //! pack is accepted only if the bytes hash to its id, and recorded under the owner's quota in the
@@ -19,8 +24,8 @@ use obnam_protocol::msg::{
 };
 use obnam_protocol::pack::MAX_PACK_LEN;
 use obnam_protocol::snapshot::SignedHead;
-use obnam_protocol::{OwnerId, PackId};
-use obnam_store::{Binding, HeadOutcome, PutOutcome, Store};
+use obnam_protocol::{LookupId, OwnerId, PackId};
+use obnam_store::{Binding, HeadOutcome, PutOutcome, Store, TakeoverOutcome};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
 use std::io::Write;
@@ -29,6 +34,43 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const NONCE_LIFETIME: Duration = Duration::from_secs(120);
+/// How long a proved owner key lets a node read that owner's data.
+const PROVEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Most outstanding nonces.
+const MAX_NONCES: usize = 4096;
+/// Key slot lookups allowed per node, and in total, per minute.
+pub const SLOT_LOOKUPS_PER_NODE: u32 = 10;
+/// See [`SLOT_LOOKUPS_PER_NODE`].
+pub const SLOT_LOOKUPS_TOTAL: u32 = 60;
+
+/// A fixed-window rate limit on key slot lookups, per node and in total: a friend holding a
+/// slot can already guess passphrases offline, but strangers must not use us as an oracle.
+#[derive(Default)]
+struct SlotLimiter {
+    window: Option<Instant>,
+    total: u32,
+    per_node: HashMap<PeerId, u32>,
+}
+
+impl SlotLimiter {
+    fn allow(&mut self, peer: PeerId) -> bool {
+        if self
+            .window
+            .is_none_or(|w| w.elapsed() >= Duration::from_secs(60))
+        {
+            self.window = Some(Instant::now());
+            self.total = 0;
+            self.per_node.clear();
+        }
+        let mine = self.per_node.entry(peer).or_insert(0);
+        if *mine >= SLOT_LOOKUPS_PER_NODE || self.total >= SLOT_LOOKUPS_TOTAL {
+            return false;
+        }
+        *mine += 1;
+        self.total += 1;
+        true
+    }
+}
 /// Bytes moved per read or write of a pack body.
 pub const IO_CHUNK: usize = 256 * 1024;
 
@@ -46,6 +88,11 @@ pub struct Server {
     hosted: PathBuf,
     local: PeerId,
     nonces: Mutex<HashMap<PeerId, ([u8; 32], Instant)>>,
+    /// Owners each node proved in this run: such a node may read that owner's data.
+    proven: Mutex<HashMap<(PeerId, OwnerId), Instant>>,
+    /// Answers unknown lookup ids with a stable fake slot.
+    probe_secret: [u8; 32],
+    slot_lookups: Mutex<SlotLimiter>,
     on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
 }
 
@@ -55,6 +102,7 @@ impl Server {
         store: Store,
         hosted: PathBuf,
         local: PeerId,
+        probe_secret: [u8; 32],
         on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
     ) -> Self {
         Self {
@@ -62,6 +110,9 @@ impl Server {
             hosted,
             local,
             nonces: Mutex::new(HashMap::new()),
+            proven: Mutex::new(HashMap::new()),
+            probe_secret,
+            slot_lookups: Mutex::new(SlotLimiter::default()),
             on_connect,
         }
     }
@@ -100,17 +151,42 @@ impl Server {
         }
     }
 
+    /// Writes for an owner: a friend bound to the owner.
     fn owner_check(&self, peer: &PeerId, owner: &OwnerId) -> Result<(), WireError> {
         self.friend_check(peer)?;
         match self.store.hosted_owner(owner) {
             Ok(Some(rec)) if rec.bound_peer == peer.to_bytes() => Ok(()),
-            Ok(Some(_)) => Err(refuse(
-                ErrorCode::BoundElsewhere,
-                format!("owner {} is bound to another node", owner.short()),
-            )),
+            Ok(Some(_)) => {
+                tracing::warn!(%peer, owner = %owner.short(), "refused a write: the owner is bound to another node");
+                Err(refuse(
+                    ErrorCode::BoundElsewhere,
+                    format!("owner {} is bound to another node", owner.short()),
+                ))
+            }
             Ok(None) => Err(refuse(
                 ErrorCode::Unproven,
                 format!("{peer} has not proved owner key {}", owner.short()),
+            )),
+            Err(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    /// Reads for an owner: the bound node, or any node that proved the owner key in this run
+    /// (a recovering node is no friend yet).
+    fn read_check(&self, peer: &PeerId, owner: &OwnerId) -> Result<(), WireError> {
+        let proven = self.proven.lock().ok().is_some_and(|p| {
+            p.get(&(*peer, *owner))
+                .is_some_and(|t| t.elapsed() < PROVEN_LIFETIME)
+        });
+        if proven {
+            return Ok(());
+        }
+        match self.store.hosted_owner(owner) {
+            Ok(Some(rec)) if rec.bound_peer == peer.to_bytes() && self.is_friend(peer) => Ok(()),
+            // Anyone may read after proving the owner key: say so, whoever asks.
+            Ok(_) => Err(refuse(
+                ErrorCode::Unproven,
+                format!("prove owner key {} to read its data", owner.short()),
             )),
             Err(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
         }
@@ -134,22 +210,52 @@ impl Server {
         }
     }
 
+    /// A slot-shaped answer for a lookup id nobody filed: stable per lookup id and node, the size
+    /// of a real slot, and useless, so probing learns nothing.
+    fn fake_slot(&self, lookup: &LookupId) -> Vec<u8> {
+        let mut h = blake3::Hasher::new_keyed(&self.probe_secret);
+        h.update(lookup.as_bytes());
+        let mut sealed = vec![
+            0u8;
+            1 + obnam_protocol::envelope::NONCE_LEN
+                + obnam_protocol::keyslot::MASTER_LEN
+                + obnam_protocol::envelope::TAG_LEN
+        ];
+        h.finalize_xof().fill(&mut sealed);
+        sealed[0] = obnam_protocol::FORMAT_VERSION;
+        KeySlot {
+            version: obnam_protocol::keyslot::SLOT_VERSION,
+            sealed_secret: sealed,
+        }
+        .to_bytes()
+    }
+
     fn answer(&self, peer: PeerId, request: Request) -> Result<Response, WireError> {
         let internal = |e: obnam_store::StoreError| refuse(ErrorCode::Internal, e.to_string());
         match request {
+            // Strangers may do two things: fetch a key slot, and prove an owner key.
             Request::Nonce => {
-                self.friend_check(&peer)?;
                 let mut nonce = [0u8; 32];
                 rand::fill(&mut nonce[..]);
                 if let Ok(mut n) = self.nonces.lock() {
                     n.retain(|_, (_, t)| t.elapsed() < NONCE_LIFETIME);
+                    if n.len() >= MAX_NONCES && !n.contains_key(&peer) {
+                        return Err(refuse(ErrorCode::Busy, "too many owner proofs in progress"));
+                    }
                     n.insert(peer, (nonce, Instant::now()));
                 }
                 Ok(Response::Nonce(nonce))
             }
             Request::ProveOwner(proof) => {
-                self.friend_check(&peer)?;
                 self.check_proof(&peer, &proof)?;
+                if let Ok(mut p) = self.proven.lock() {
+                    p.retain(|_, t| t.elapsed() < PROVEN_LIFETIME);
+                    p.insert((peer, proof.owner), Instant::now());
+                }
+                if !self.is_friend(&peer) {
+                    tracing::info!(%peer, owner = %proof.owner.short(), "a node that is not a friend proved an owner key: it may read that owner's data");
+                    return Ok(Response::Ok);
+                }
                 match self
                     .store
                     .bind_owner(&proof.owner, &peer.to_bytes())
@@ -159,14 +265,31 @@ impl Server {
                         tracing::info!(%peer, owner = %proof.owner.short(), "owner key proved");
                         Ok(Response::Ok)
                     }
-                    Binding::Elsewhere(_) => Err(refuse(
-                        ErrorCode::BoundElsewhere,
-                        format!("owner {} is bound to another node", proof.owner.short()),
-                    )),
+                    // The proof stands for reading; writing needs a takeover.
+                    Binding::Elsewhere(_) => Ok(Response::Ok),
                 }
             }
+            Request::GetSlot { lookup } => {
+                let allowed = self
+                    .slot_lookups
+                    .lock()
+                    .map(|mut l| l.allow(peer))
+                    .unwrap_or(false);
+                if !allowed {
+                    tracing::warn!(%peer, "key slot lookups: rate limit reached");
+                    return Err(refuse(
+                        ErrorCode::Busy,
+                        "too many key slot lookups; try again in a minute",
+                    ));
+                }
+                let slot = match self.store.get_slot(&lookup).map_err(internal)? {
+                    Some((_, s)) => s,
+                    None => self.fake_slot(&lookup),
+                };
+                Ok(Response::Slot(Some(ByteBuf::from(slot))))
+            }
             Request::Have { owner, packs } => {
-                self.owner_check(&peer, &owner)?;
+                self.read_check(&peer, &owner)?;
                 if packs.len() > MAX_HAVE {
                     return Err(refuse(
                         ErrorCode::TooLarge,
@@ -210,7 +333,7 @@ impl Server {
                 }
             }
             Request::GetHead { owner } => {
-                self.owner_check(&peer, &owner)?;
+                self.read_check(&peer, &owner)?;
                 Ok(Response::Head(
                     self.store
                         .get_head(&owner)
@@ -234,23 +357,74 @@ impl Server {
                     .map_err(internal)?;
                 Ok(Response::Ok)
             }
-            Request::GetSlot { lookup } => {
-                self.friend_check(&peer)?;
-                Ok(Response::Slot(
-                    self.store
-                        .get_slot(&lookup)
-                        .map_err(internal)?
-                        .map(|(_, s)| ByteBuf::from(s)),
-                ))
-            }
             Request::Usage { owner } => {
-                self.owner_check(&peer, &owner)?;
+                self.read_check(&peer, &owner)?;
                 let (quota, used) = self
                     .store
                     .available(&owner)
                     .map_err(internal)?
                     .unwrap_or((0, 0));
                 Ok(Response::Usage { quota, used })
+            }
+            Request::ListPacks {
+                owner,
+                after,
+                limit,
+            } => {
+                self.read_check(&peer, &owner)?;
+                let limit = limit.clamp(1, msg::MAX_LIST) as usize;
+                Ok(Response::Packs(
+                    self.store
+                        .hosted_packs(&owner, after.as_ref(), limit)
+                        .map_err(internal)?,
+                ))
+            }
+            Request::Takeover(statement) => {
+                let proven = self
+                    .proven
+                    .lock()
+                    .ok()
+                    .is_some_and(|p| p.contains_key(&(peer, statement.owner)));
+                if !proven {
+                    return Err(refuse(
+                        ErrorCode::Unproven,
+                        "prove the owner key before a takeover",
+                    ));
+                }
+                if statement.new_node != peer.to_bytes() {
+                    return Err(refuse(
+                        ErrorCode::Malformed,
+                        "a takeover must name the node that sends it",
+                    ));
+                }
+                statement
+                    .verify()
+                    .map_err(|e| refuse(ErrorCode::Unproven, format!("takeover statement: {e}")))?;
+                match self
+                    .store
+                    .takeover(&statement.owner, &peer.to_bytes(), statement.from_seq)
+                    .map_err(internal)?
+                {
+                    TakeoverOutcome::Moved(old) => {
+                        let old = PeerId::from_bytes(&old)
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|_| "?".into());
+                        tracing::warn!(owner = %statement.owner.short(), from = %old, to = %peer, seq = statement.from_seq, "takeover: the owner moved to a new node; the old node may no longer write");
+                        Ok(Response::Ok)
+                    }
+                    TakeoverOutcome::Same => Ok(Response::Ok),
+                    TakeoverOutcome::Stale { stored } => Err(refuse(
+                        ErrorCode::StaleHead,
+                        format!(
+                            "the takeover starts at head {} but head {stored} is stored here",
+                            statement.from_seq
+                        ),
+                    )),
+                    TakeoverOutcome::Unknown => Err(refuse(
+                        ErrorCode::NotFound,
+                        "this node stores nothing for that owner",
+                    )),
+                }
             }
         }
     }
@@ -506,7 +680,7 @@ impl Server {
         offset: u64,
         len: u64,
     ) -> bool {
-        if let Err(e) = self.owner_check(peer, &owner) {
+        if let Err(e) = self.read_check(peer, &owner) {
             return write_frame(stream, &StreamReply::Error(e)).await.is_ok();
         }
         let size = match self.store.has_hosted(&owner, &pack) {

@@ -47,6 +47,38 @@ pub enum Request {
         /// Its peer id.
         peer_id: String,
     },
+    /// Recover the owner's keys from a friend's key slot (a new machine).
+    Recover {
+        /// The owner name.
+        name: String,
+        /// The passphrase.
+        passphrase: String,
+    },
+    /// Rebuild the local index from the friends.
+    IndexRebuild,
+}
+
+/// The result of a recovery or an index rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverReply {
+    /// The owner name.
+    pub name: String,
+    /// The owner key.
+    pub owner: OwnerId,
+    /// The head adopted.
+    pub head_seq: u64,
+    /// Snapshots known.
+    pub snapshots: u64,
+    /// Packs found at friends.
+    pub packs: u64,
+    /// Chunks indexed.
+    pub chunks: u64,
+    /// Friends learned from the head.
+    pub friends_added: Vec<String>,
+    /// Friends that accepted this node as the owner's writer.
+    pub took_over: Vec<String>,
+    /// Stale friends, forks, unreadable packs.
+    pub warnings: Vec<String>,
 }
 
 /// `obnam peer add`.
@@ -218,6 +250,8 @@ pub enum Reply {
         /// The former friend.
         peer_id: String,
     },
+    /// For [`Request::Recover`] and [`Request::IndexRebuild`].
+    Recovered(RecoverReply),
 }
 
 /// The node's identity.

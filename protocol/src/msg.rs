@@ -129,6 +129,67 @@ pub enum Request {
         /// The owner.
         owner: OwnerId,
     },
+    /// The owner's packs held here, in id order, after `after`, at most `limit`.
+    ListPacks {
+        /// The owner.
+        owner: OwnerId,
+        /// Continue after this pack id.
+        after: Option<PackId>,
+        /// At most this many (capped at [`MAX_LIST`]).
+        limit: u32,
+    },
+    /// A recovered node becomes the owner's writing node.
+    Takeover(TakeoverStatement),
+}
+
+/// Most pack ids in one [`Response::Packs`].
+pub const MAX_LIST: u32 = 4096;
+
+/// A statement, signed with the owner key in [`CONTEXT_TAKEOVER`](crate::signed::CONTEXT_TAKEOVER),
+/// that `new_node` is now the owner's writing node, continuing from head `from_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverStatement {
+    /// The owner.
+    pub owner: OwnerId,
+    /// The new node's peer id, as bytes.
+    #[serde(with = "serde_bytes")]
+    pub new_node: Vec<u8>,
+    /// The head sequence number the new node continues from.
+    pub from_seq: u64,
+    /// Ed25519 signature over [`TakeoverStatement::payload`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl TakeoverStatement {
+    /// The signed bytes: `owner ‖ from_seq (u64 LE) ‖ new node peer id`.
+    pub fn payload(owner: &OwnerId, new_node: &[u8], from_seq: u64) -> Vec<u8> {
+        let mut p = owner.as_bytes().to_vec();
+        p.extend_from_slice(&from_seq.to_le_bytes());
+        p.extend_from_slice(new_node);
+        p
+    }
+
+    /// Verifies the statement.
+    ///
+    /// # Errors
+    /// [`SignatureError`] when it does not verify.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        let sig: [u8; SIGNATURE_LEN] =
+            self.signature
+                .as_slice()
+                .try_into()
+                .map_err(|_| SignatureError::Invalid {
+                    owner: self.owner,
+                    context: signed::CONTEXT_TAKEOVER,
+                })?;
+        signed::verify(
+            &self.owner,
+            signed::CONTEXT_TAKEOVER,
+            &Self::payload(&self.owner, &self.new_node, self.from_seq),
+            &sig,
+        )
+    }
 }
 
 /// Why a request was refused.
@@ -197,6 +258,8 @@ pub enum Response {
     },
     /// Refused.
     Error(WireError),
+    /// For [`Request::ListPacks`]: pack ids and lengths.
+    Packs(Vec<(PackId, u64)>),
 }
 
 /// A request on [`PACKS_PROTOCOL`].
@@ -341,6 +404,52 @@ mod tests {
             cross.verify(b"A", b"B").is_err(),
             "a head signature is no owner proof"
         );
+    }
+
+    #[test]
+    fn takeover_statements_bind_node_and_sequence() {
+        let k = SigningKey::from_bytes(&[4; 32]);
+        let owner = OwnerId(k.verifying_key().to_bytes());
+        let sign = |ctx: &str, node: &[u8], seq: u64| {
+            k.sign(&signed::message(
+                ctx,
+                &TakeoverStatement::payload(&owner, node, seq),
+            ))
+            .to_bytes()
+            .to_vec()
+        };
+        let good = TakeoverStatement {
+            owner,
+            new_node: b"N2".to_vec(),
+            from_seq: 7,
+            signature: sign(signed::CONTEXT_TAKEOVER, b"N2", 7),
+        };
+        assert!(good.verify().is_ok());
+        assert!(
+            TakeoverStatement {
+                new_node: b"N3".to_vec(),
+                ..good.clone()
+            }
+            .verify()
+            .is_err(),
+            "another node"
+        );
+        assert!(
+            TakeoverStatement {
+                from_seq: 8,
+                ..good.clone()
+            }
+            .verify()
+            .is_err(),
+            "another sequence"
+        );
+        let cross = TakeoverStatement {
+            signature: sign(signed::CONTEXT_HEAD, b"N2", 7),
+            ..good.clone()
+        };
+        assert!(cross.verify().is_err(), "a head signature is no takeover");
+        assert_eq!(body(&Request::Takeover(good.clone()))[0], 9);
+        assert_eq!(body(&Response::Packs(vec![]))[0], 7);
     }
 
     proptest! {

@@ -573,3 +573,196 @@ mod tests {
         Ok(())
     }
 }
+
+/// The result of a takeover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeoverOutcome {
+    /// The owner now belongs to the new node (the previous node's peer id bytes).
+    Moved(Vec<u8>),
+    /// The owner already belonged to that node.
+    Same,
+    /// Refused: the statement starts below the head stored here.
+    Stale {
+        /// The stored head's sequence number.
+        stored: u64,
+    },
+    /// Refused: this node hosts nothing for that owner.
+    Unknown,
+}
+
+impl Store {
+    /// The owner's packs held here, in id order, after `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn hosted_packs(
+        &self,
+        owner: &OwnerId,
+        after: Option<&PackId>,
+        limit: usize,
+    ) -> Result<Vec<(PackId, u64)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HOSTED)?;
+        let start = match after {
+            Some(p) => {
+                // The first key after (owner, p): increment the pack id as a big-endian number.
+                let mut k = hosted_key(owner, p);
+                let mut i = 63;
+                loop {
+                    let (v, carry) = k[i].overflowing_add(1);
+                    k[i] = v;
+                    if !carry || i == 32 {
+                        if carry {
+                            return Ok(Vec::new());
+                        }
+                        break;
+                    }
+                    i -= 1;
+                }
+                k
+            }
+            None => hosted_key(owner, &PackId([0; 32])),
+        };
+        let end = hosted_key(owner, &PackId([0xff; 32]));
+        let mut out = Vec::new();
+        for item in t.range::<&[u8; 64]>(&start..=&end)? {
+            let (k, v) = item?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&k.value()[32..]);
+            out.push((PackId(id), v.value()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves an owner to a new node: the owner binding and the friendship (name, household,
+    /// quota) of the old node pass to the new one, in one transaction. The old node can no longer
+    /// write for that owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn takeover(
+        &self,
+        owner: &OwnerId,
+        new_peer: &[u8],
+        from_seq: u64,
+    ) -> Result<TakeoverOutcome, StoreError> {
+        let tx = self.db.begin_write()?;
+        let outcome = {
+            let mut owners = tx.open_table(OWNERS)?;
+            let rec = match owners.get(owner.as_bytes())? {
+                Some(v) => Some(
+                    HostedOwner::from_bytes(v.value())
+                        .map_err(corrupt(format!("owner {owner}")))?,
+                ),
+                None => None,
+            };
+            let stored_seq = tx.open_table(HEADS)?.get(owner.as_bytes())?.map(|v| {
+                let b = v.value();
+                let mut s = [0u8; 8];
+                s.copy_from_slice(&b[..8.min(b.len())]);
+                u64::from_le_bytes(s)
+            });
+            match (rec, stored_seq) {
+                (None, _) => TakeoverOutcome::Unknown,
+                (Some(_), Some(s)) if s > from_seq => TakeoverOutcome::Stale { stored: s },
+                (Some(rec), _) if rec.bound_peer == new_peer => TakeoverOutcome::Same,
+                (Some(mut rec), _) => {
+                    let old = std::mem::replace(&mut rec.bound_peer, new_peer.to_vec());
+                    owners.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
+                    let mut friends = tx.open_table(FRIENDS)?;
+                    let old_friend = match friends.remove(old.as_slice())? {
+                        Some(v) => Some(
+                            Friend::from_bytes(v.value())
+                                .map_err(corrupt("friend record".into()))?,
+                        ),
+                        None => None,
+                    };
+                    if let Some(mut f) = old_friend {
+                        f.peer_id = new_peer.to_vec();
+                        f.addrs.clear();
+                        friends.insert(new_peer, f.to_bytes().as_slice())?;
+                    }
+                    TakeoverOutcome::Moved(old)
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    #[test]
+    fn packs_are_listed_in_pages_per_owner() -> Result<(), Box<dyn std::error::Error>> {
+        let s = Store::in_memory()?;
+        let (a, b) = (OwnerId([1; 32]), OwnerId([2; 32]));
+        s.put_friend(&Friend {
+            peer_id: vec![7],
+            name: "f".into(),
+            household: String::new(),
+            addrs: vec![],
+            quota_given: 1 << 30,
+            added_ns: 0,
+        })?;
+        s.bind_owner(&a, &[7])?;
+        s.bind_owner(&b, &[7])?;
+        for i in 0..5u8 {
+            s.commit_hosted(&a, &PackId([i; 32]), 10)?;
+        }
+        s.commit_hosted(&b, &PackId([9; 32]), 10)?;
+        let first = s.hosted_packs(&a, None, 2)?;
+        assert_eq!(
+            first.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![PackId([0; 32]), PackId([1; 32])]
+        );
+        let rest = s.hosted_packs(&a, Some(&first[1].0), 10)?;
+        assert_eq!(rest.len(), 3);
+        assert!(
+            s.hosted_packs(&a, Some(&PackId([0xff; 32])), 10)?
+                .is_empty()
+        );
+        assert_eq!(s.hosted_packs(&b, None, 10)?, vec![(PackId([9; 32]), 10)]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_takeover_moves_binding_and_friendship() -> Result<(), Box<dyn std::error::Error>> {
+        let s = Store::in_memory()?;
+        let owner = OwnerId([1; 32]);
+        assert_eq!(s.takeover(&owner, &[8], 1)?, TakeoverOutcome::Unknown);
+        s.put_friend(&Friend {
+            peer_id: vec![7],
+            name: "alice".into(),
+            household: "h".into(),
+            addrs: vec![],
+            quota_given: 100,
+            added_ns: 5,
+        })?;
+        s.bind_owner(&owner, &[7])?;
+        s.put_head(&owner, 4, b"head")?;
+        assert_eq!(
+            s.takeover(&owner, &[8], 3)?,
+            TakeoverOutcome::Stale { stored: 4 }
+        );
+        assert_eq!(
+            s.takeover(&owner, &[8], 4)?,
+            TakeoverOutcome::Moved(vec![7])
+        );
+        assert_eq!(s.takeover(&owner, &[8], 4)?, TakeoverOutcome::Same);
+        assert_eq!(s.hosted_owner(&owner)?.map(|o| o.bound_peer), Some(vec![8]));
+        assert!(
+            s.friend(&[7])?.is_none(),
+            "the old node is no longer the friend"
+        );
+        let moved = s.friend(&[8])?.expect("moved friend");
+        assert_eq!((moved.name.as_str(), moved.quota_given), ("alice", 100));
+        assert_eq!(s.bind_owner(&owner, &[7])?, Binding::Elsewhere(vec![8]));
+        Ok(())
+    }
+}

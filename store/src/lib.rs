@@ -22,7 +22,7 @@ mod error;
 pub mod hosted;
 
 pub use error::StoreError;
-pub use hosted::{Binding, HeadOutcome, PutOutcome};
+pub use hosted::{Binding, HeadOutcome, PutOutcome, TakeoverOutcome};
 
 use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, PackRecord};
 use obnam_protocol::snapshot::SnapshotRecord;
@@ -282,6 +282,47 @@ impl Store {
         }
         out.sort_by_key(|(id, r)| (r.time_ns, *id));
         Ok(out)
+    }
+
+    /// Replaces the snapshot list and the head with those of a head adopted from friends.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn adopt_head(
+        &self,
+        snapshots: &[(SnapshotId, SnapshotRecord)],
+        signed_head: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut snaps = tx.open_table(SNAPSHOTS)?;
+            for (id, record) in snapshots {
+                snaps.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+            }
+            tx.open_table(META)?.insert(META_HEAD, signed_head)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A value in the meta table.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a value in the meta table.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The owner's current signed head, if any.

@@ -1,0 +1,139 @@
+//! Recovering a lost machine with only the owner name, the passphrase and one friend.
+
+use crate::util::{TestResult, bins, noise, restored};
+use obnam_simulations::{Node, befriend_all, compare_trees, wait_until};
+use std::path::Path;
+use std::time::Duration;
+
+const FAST: &str = "replication_interval_secs = 1\nrequest_timeout_secs = 20\n";
+
+fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
+    let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{FAST}{extra}"))?;
+    n.start()?;
+    Ok(n)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()))?;
+        } else if meta.is_file() {
+            std::fs::copy(&p, to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult {
+    let dir = crate::util::tempdir("obnam-recovery-")?;
+    let mut a = node(dir.path(), "a", "replicas = 2\n")?;
+    let mut b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    // 1. Two backups with a change in between.
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("docs"))?;
+    std::fs::write(src.join("docs/big.bin"), noise(12 << 20, 1))?;
+    std::fs::write(src.join("docs/notes.txt"), b"first version")?;
+    a.backup(&[&src], &[], 0)?;
+    std::fs::write(src.join("docs/notes.txt"), b"second version, longer")?;
+    std::fs::write(src.join("docs/new.bin"), noise(3 << 20, 2))?;
+    let second = a.backup(&[&src], &[], 0)?;
+    assert_eq!(second["replicas"], 2);
+    let old_peer = a.peer_id.clone();
+
+    // 2. The machine is lost (a copy is kept only to play the old node later); B is offline.
+    a.stop();
+    let old_copy = dir.path().join("a-old");
+    copy_dir(&a.data_dir, &old_copy)?;
+    std::fs::remove_dir_all(&a.data_dir)?;
+    b.stop();
+
+    // 3. A new node with the name, the passphrase and C's ticket only.
+    let a2 = node(dir.path(), "a2", "")?;
+    a2.add_peer(&c, &[])?;
+    let wrong = a2
+        .command(&["init", "--recover", "--name", "alice", "--json"])
+        .env("OBNAM_PASSPHRASE", "not the passphrase at all")
+        .output()?;
+    assert_eq!(wrong.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&wrong.stdout)?;
+    assert_eq!(v["error"]["kind"], "no_slot", "{v}");
+    let wrong_name = a2.json(&["init", "--recover", "--name", "alicia"], 1)?;
+    assert_eq!(wrong_name["error"]["kind"], "no_slot");
+    let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
+    assert_eq!(rec["snapshots"], 2, "{rec}");
+    assert!(rec["packs"].as_u64().unwrap() >= 2, "{rec}");
+    assert!(
+        rec["friends_added"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains(&b.peer_id)),
+        "B is learned from the head: {rec}"
+    );
+    let snaps = a2.json(&["snapshots"], 0)?;
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    let target = dir.path().join("restore");
+    a2.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    compare_trees(&src, &restored(&target, &src), &[])?;
+
+    // 4. Backing up the same tree again sends almost nothing.
+    let again = a2.backup(&[&src], &["--timeout", "3s"], 4)?; // B is still away: pending
+    let bytes = again["bytes"].as_u64().unwrap();
+    let sent = again["sent_bytes"].as_u64().unwrap();
+    assert!(
+        sent * 50 < bytes,
+        "sent {sent} of {bytes} bytes: more than 2%"
+    );
+
+    // 5. B comes back, accepts A2 through the takeover, and catches up with the new head.
+    b.start()?;
+    wait_until(
+        "B to hold the new snapshot",
+        Duration::from_secs(90),
+        || Ok(a2.status()?["replicated_to"] == 2),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}\nB:\n{}", a2.log(), b.log()))?;
+    let at_b = b.json(&["peer", "list"], 0)?;
+    assert!(
+        at_b.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer_id"] == a2.peer_id.as_str()),
+        "B shows the new node: {at_b}"
+    );
+    assert!(
+        !at_b
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer_id"] == old_peer.as_str()),
+        "and not the old one: {at_b}"
+    );
+    assert!(b.log().contains("takeover"), "B logs the takeover");
+
+    // 6. The old node is refused writes.
+    let mut old = Node::new(&bins(), "a-old", &old_copy, "")?;
+    old.start()?;
+    std::fs::write(src.join("docs/from-the-thief.txt"), b"x")?;
+    let stale = old.backup(&[&src], &["--timeout", "3s"], 4)?;
+    assert_eq!(stale["replicas"], 0, "{stale}");
+    let snaps = a2.json(&["snapshots"], 0)?;
+    assert_eq!(
+        snaps.as_array().unwrap().len(),
+        3,
+        "the old node's snapshot reached no friend"
+    );
+    old.stop();
+    Ok(())
+}

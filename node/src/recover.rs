@@ -1,0 +1,532 @@
+//! Recovery of a lost machine, and rebuilding the local index from friends.
+//!
+//! `obnam init --recover` on a new node that has one friend:
+//! 1. stretches the passphrase with the owner name and asks each friend for the key slot under
+//!    the lookup id (friends answer strangers this one question, rate-limited, and answer unknown
+//!    ids with a fake, so a wrong name or passphrase simply opens nothing);
+//! 2. writes the secrets file, proves the owner key to every friend and takes the newest head
+//!    that verifies (stale friends and forks are reported);
+//! 3. learns the owner's other friends from the head and befriends them;
+//! 4. sends every friend a signed takeover statement, so the new node becomes the writer;
+//! 5. rebuilds the index: lists the packs each friend holds, reads each pack's sealed index from
+//!    its last 64 KiB-aligned ranges, and records chunks, packs and holders.
+//!
+//! Everything here blocks: call it from a blocking thread; the network is reached through the
+//! runtime handle in [`Remote`].
+
+use crate::error::NodeError;
+use crate::keys::{self, Keys};
+use crate::peers;
+use crate::repo::{Remote, Repo, now_ns};
+use crate::seal;
+use futures::StreamExt;
+use libp2p::PeerId;
+use obnam_protocol::PackId;
+use obnam_protocol::envelope::{DOMAIN_HEAD_BODY, DOMAIN_PACK_INDEX, DOMAIN_PACK_TRAILER};
+use obnam_protocol::keyslot::{KeySlot, SLOT_VERSION};
+use obnam_protocol::local::{ChunkLoc, Friend, PackRecord};
+use obnam_protocol::msg::{self, Request, Response, TakeoverStatement};
+use obnam_protocol::pack::{PACK_ALIGN, PackIndex, PackTrailer, TRAILER_LEN};
+use obnam_protocol::signed::CONTEXT_TAKEOVER;
+use obnam_protocol::snapshot::{Head, HeadBody, SignedHead};
+use std::collections::HashMap;
+
+/// What the friends' heads say.
+#[derive(Debug, Default)]
+pub struct HeadSurvey {
+    /// The newest head that verifies: its bytes and parsed form.
+    pub best: Option<(Vec<u8>, Head)>,
+    /// Friends holding an older head.
+    pub stale: Vec<String>,
+    /// Friends holding a different head at the newest sequence number.
+    pub forks: Vec<String>,
+    /// Friends that could not be asked.
+    pub unreachable: Vec<String>,
+}
+
+/// Asks every friend for the owner's head, verifies each, and takes the newest.
+pub async fn survey_heads(remote: &Remote, keys: &Keys, friends: &[PeerId]) -> HeadSurvey {
+    let owner = keys.owner_id();
+    let asks = friends.iter().map(|&peer| async move {
+        let answer =
+            peers::owner_request(&remote.net, peer, keys, Request::GetHead { owner }).await;
+        (peer, answer)
+    });
+    let answers = futures::future::join_all(asks).await;
+    let mut survey = HeadSurvey::default();
+    let mut heads: Vec<(PeerId, SignedHead, Head, Vec<u8>)> = Vec::new();
+    for (peer, answer) in answers {
+        match answer {
+            Ok(Response::Head(Some(bytes))) => match SignedHead::verify(&bytes, &owner) {
+                Ok((signed, head)) => heads.push((peer, signed, head, bytes.into_vec())),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "friend holds a head that does not verify");
+                    survey
+                        .forks
+                        .push(format!("{peer} (holds a head that does not verify: {e})"));
+                }
+            },
+            Ok(Response::Head(None)) => survey.stale.push(format!("{peer} (holds no head)")),
+            Ok(other) => survey.unreachable.push(format!("{peer}: {other:?}")),
+            Err(e) => survey.unreachable.push(format!("{peer}: {e}")),
+        }
+    }
+    let Some(top) = heads.iter().map(|h| h.2.seq).max() else {
+        return survey;
+    };
+    let best = heads
+        .iter()
+        .find(|h| h.2.seq == top)
+        .map(|h| (h.0, h.1.hash(), h.3.clone(), h.2.clone()));
+    if let Some((best_peer, best_hash, bytes, head)) = best {
+        for (peer, signed, h, _) in &heads {
+            if h.seq < top {
+                tracing::warn!(%peer, seq = h.seq, newest = top, "friend holds a stale head");
+                survey
+                    .stale
+                    .push(format!("{peer} (head {} of {top})", h.seq));
+            } else if signed.hash() != best_hash {
+                tracing::warn!(%peer, other = %best_peer, seq = top, "fork: two different heads with the same sequence number");
+                survey.forks.push(format!(
+                    "{peer} and {best_peer} hold different heads at sequence {top}"
+                ));
+            }
+        }
+        survey.best = Some((bytes, head));
+    }
+    survey
+}
+
+/// Adopts a head newer than ours: its snapshots become the local list.
+///
+/// # Errors
+/// Key or database errors.
+pub fn adopt_head(
+    repo: &Repo,
+    keys: &Keys,
+    bytes: &[u8],
+    head: &Head,
+) -> Result<HeadBody, NodeError> {
+    let body = seal::open_blob(
+        keys,
+        DOMAIN_HEAD_BODY,
+        &Head::body_context(&keys.owner_id(), head.seq),
+        &head.sealed_body,
+    )
+    .map_err(|_| NodeError::Authentication {
+        what: format!("head {} from a friend", head.seq),
+    })?;
+    let body = HeadBody::from_bytes(&body).map_err(|e| NodeError::Corrupt {
+        what: "head body".into(),
+        source: e,
+    })?;
+    let entries: Vec<_> = body
+        .snapshots
+        .iter()
+        .map(|e| (e.id, e.record.clone()))
+        .collect();
+    repo.store.adopt_head(&entries, bytes)?;
+    Ok(body)
+}
+
+/// A pack, its length and holders, and its index as fetched.
+type IndexFetch = (PackId, u64, Vec<PeerId>, Result<PackIndex, NodeError>);
+
+/// What an index rebuild found.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    /// Packs recorded.
+    pub packs: u64,
+    /// Chunks recorded.
+    pub chunks: u64,
+    /// Packs whose index could not be read from any friend.
+    pub failed: Vec<String>,
+}
+
+/// Rebuilds the chunk → pack and pack → holders index from what the friends hold.
+///
+/// # Errors
+/// Database errors; unreadable packs are listed in [`Rebuilt::failed`].
+pub fn rebuild_index(
+    repo: &Repo,
+    remote: &Remote,
+    keys: &Keys,
+    friends: &[PeerId],
+) -> Result<Rebuilt, NodeError> {
+    let owner = keys.owner_id();
+    let mut packs: HashMap<PackId, (u64, Vec<PeerId>)> = HashMap::new();
+    for &peer in friends {
+        let mut after = None;
+        loop {
+            let req = Request::ListPacks {
+                owner,
+                after,
+                limit: msg::MAX_LIST,
+            };
+            match remote
+                .handle
+                .block_on(peers::owner_request(&remote.net, peer, keys, req))
+            {
+                Ok(Response::Packs(list)) => {
+                    let done = list.len() < msg::MAX_LIST as usize;
+                    after = list.last().map(|p| p.0);
+                    for (id, len) in list {
+                        packs.entry(id).or_insert((len, Vec::new())).1.push(peer);
+                    }
+                    if done || after.is_none() {
+                        break;
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(%peer, ?other, "could not list packs");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e.full_message(), "could not list packs");
+                    break;
+                }
+            }
+        }
+    }
+    let mut rebuilt = Rebuilt::default();
+    let work: Vec<_> = packs.into_iter().collect();
+    let results: Vec<IndexFetch> = remote.handle.block_on(
+        futures::stream::iter(work.into_iter().map(|(id, (len, holders))| async move {
+            let mut last = Err(NodeError::Net(format!("no friend holds pack {id}")));
+            'holders: for &peer in &holders {
+                // libp2p-stream drops a stream when the friend's accept queue is momentarily
+                // full: retry before moving on.
+                for attempt in 0..crate::repo::FETCH_ATTEMPTS {
+                    last = remote_index(remote, peer, keys, id, len).await;
+                    match &last {
+                        Ok(_) => break 'holders,
+                        Err(NodeError::Net(m)) if !m.contains("refused") => {
+                            tokio::time::sleep(std::time::Duration::from_millis(
+                                100 * (attempt as u64 + 1),
+                            ))
+                            .await;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            (id, len, holders, last)
+        }))
+        .buffer_unordered(crate::repo::FETCH_PARALLEL)
+        .collect(),
+    );
+    for (id, len, holders, index) in results {
+        match index {
+            Ok(index) => {
+                let in_outbox = repo.outbox.path(&id).exists();
+                let record = PackRecord {
+                    len,
+                    chunks: index.entries.len() as u32,
+                    created_ns: now_ns(),
+                    in_outbox,
+                };
+                let chunks: Vec<_> = index
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.chunk,
+                            ChunkLoc {
+                                pack: id,
+                                offset: e.offset,
+                                len: e.len,
+                            },
+                        )
+                    })
+                    .collect();
+                repo.store.commit_pack(&id, &record, &chunks)?;
+                for h in &holders {
+                    repo.store.add_placement(&id, &h.to_bytes())?;
+                }
+                rebuilt.packs += 1;
+                rebuilt.chunks += chunks.len() as u64;
+            }
+            Err(e) => rebuilt
+                .failed
+                .push(format!("pack {id}: {}", e.full_message())),
+        }
+    }
+    Ok(rebuilt)
+}
+
+/// Reads a pack's sealed index from a friend: the last 64 KiB-aligned range holds the trailer
+/// (and usually the index); an index that starts earlier costs one more aligned range.
+async fn remote_index(
+    remote: &Remote,
+    peer: PeerId,
+    keys: &Keys,
+    pack: PackId,
+    len: u64,
+) -> Result<PackIndex, NodeError> {
+    if len < TRAILER_LEN as u64 {
+        return Err(NodeError::Authentication {
+            what: format!("pack {pack} (too short)"),
+        });
+    }
+    let tail_off = (len - TRAILER_LEN as u64) / PACK_ALIGN * PACK_ALIGN;
+    let tail = peers::fetch_range(&remote.net, peer, keys, pack, tail_off, len - tail_off).await?;
+    let auth = || NodeError::Authentication {
+        what: format!("pack {pack} from {peer}"),
+    };
+    let trailer_at = usize::try_from(len - TRAILER_LEN as u64 - tail_off).map_err(|_| auth())?;
+    let sealed_trailer = tail.get(trailer_at..).ok_or_else(auth)?;
+    let trailer =
+        seal::open_blob(keys, DOMAIN_PACK_TRAILER, &[], sealed_trailer).map_err(|_| auth())?;
+    let trailer = PackTrailer::from_bytes(&trailer, len).map_err(|e| NodeError::Corrupt {
+        what: format!("pack {pack}"),
+        source: e,
+    })?;
+    let (buf, base) = if trailer.index_offset >= tail_off {
+        (tail, tail_off)
+    } else {
+        let start = trailer.index_offset / PACK_ALIGN * PACK_ALIGN;
+        let mut head =
+            peers::fetch_range(&remote.net, peer, keys, pack, start, tail_off - start).await?;
+        head.extend_from_slice(&tail);
+        (head, start)
+    };
+    let from = usize::try_from(trailer.index_offset - base).map_err(|_| auth())?;
+    let to = from + usize::try_from(trailer.index_len).map_err(|_| auth())?;
+    let sealed_index = buf.get(from..to).ok_or_else(auth)?;
+    let index = seal::open_blob(keys, DOMAIN_PACK_INDEX, &[], sealed_index).map_err(|_| auth())?;
+    PackIndex::from_bytes(&index).map_err(|e| NodeError::Corrupt {
+        what: format!("index of pack {pack}"),
+        source: e,
+    })
+}
+
+/// The result of a recovery.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The owner's keys, now in the secrets file.
+    pub owner: obnam_protocol::OwnerId,
+    /// The head adopted, if any friend held one.
+    pub head_seq: u64,
+    /// Snapshots listed in that head.
+    pub snapshots: u64,
+    /// Friends learned from the head and added.
+    pub friends_added: Vec<String>,
+    /// Friends that accepted the takeover.
+    pub took_over: Vec<String>,
+    /// The index rebuild.
+    pub rebuilt: Rebuilt,
+    /// Stale friends and forks, for the user.
+    pub warnings: Vec<String>,
+}
+
+/// Friends of this node as peer ids, connected ones first.
+pub fn friend_peers(repo: &Repo, remote: &Remote) -> Result<Vec<PeerId>, NodeError> {
+    let mut peers: Vec<PeerId> = repo
+        .store
+        .friends()?
+        .iter()
+        .filter_map(|f| PeerId::from_bytes(&f.peer_id).ok())
+        .collect();
+    peers.sort_by_key(|p| !remote.net.is_connected(p));
+    Ok(peers)
+}
+
+/// `obnam init --recover`: see the module documentation.
+///
+/// # Errors
+/// [`NodeError::AlreadyInitialized`], [`NodeError::NoSlot`] for a wrong name or passphrase,
+/// network and database errors.
+pub fn recover(
+    repo: &Repo,
+    remote: &Remote,
+    name: &str,
+    passphrase: &str,
+) -> Result<Recovered, NodeError> {
+    let path = repo.paths.secrets();
+    if let Ok(existing) = keys::load_secrets(&path) {
+        return Err(NodeError::AlreadyInitialized {
+            name: existing.name.clone(),
+        });
+    }
+    let friends = friend_peers(repo, remote)?;
+    if friends.is_empty() {
+        return Err(NodeError::Usage(
+            "recovery needs one friend: first run `obnam peer add <ticket>` with a friend's ticket"
+                .into(),
+        ));
+    }
+    let stretched = keys::stretch(passphrase, name, SLOT_VERSION)?;
+    let mut found = None;
+    for &peer in &friends {
+        match remote.handle.block_on(remote.net.request(
+            peer,
+            Request::GetSlot {
+                lookup: stretched.lookup,
+            },
+        )) {
+            Ok(Response::Slot(Some(bytes))) => {
+                let Ok(slot) = KeySlot::from_bytes(&bytes) else {
+                    continue;
+                };
+                if let Ok(master) = keys::unwrap(&slot, &stretched, name) {
+                    found = Some((master, bytes.into_vec()));
+                    break;
+                }
+            }
+            Ok(other) => tracing::debug!(%peer, ?other, "no slot"),
+            Err(e) => tracing::debug!(%peer, error = %e, "slot lookup failed"),
+        }
+    }
+    let Some((master, slot)) = found else {
+        return Err(NodeError::NoSlot {
+            name: name.to_owned(),
+            asked: friends.len(),
+        });
+    };
+    let owner = keys::write_recovered(&path, name, &master, slot, stretched.lookup)?;
+    let keys = &owner.keys;
+    let owner_id = keys.owner_id();
+    tracing::info!(name, owner = %owner_id, "key slot found and opened");
+
+    let survey = remote.handle.block_on(survey_heads(remote, keys, &friends));
+    let mut warnings: Vec<String> = survey
+        .stale
+        .iter()
+        .map(|s| format!("stale friend: {s}"))
+        .collect();
+    warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
+    let (head_seq, snapshots, mut friends_added) = match &survey.best {
+        Some((bytes, head)) => {
+            let body = adopt_head(repo, keys, bytes, head)?;
+            let mut added = Vec::new();
+            for f in &body.friends {
+                let Ok(peer) = PeerId::from_bytes(&f.peer_id) else {
+                    continue;
+                };
+                if peer == remote.net.peer_id || repo.store.friend(&f.peer_id)?.is_some() {
+                    continue;
+                }
+                let friend = Friend {
+                    peer_id: f.peer_id.clone(),
+                    name: f.name.clone(),
+                    household: String::new(),
+                    addrs: f.addrs.clone(),
+                    quota_given: repo.config.default_quota,
+                    added_ns: now_ns(),
+                };
+                repo.store.put_friend(&friend)?;
+                let addrs = f
+                    .addrs
+                    .iter()
+                    .filter_map(|a| libp2p::Multiaddr::try_from(a.to_vec()).ok())
+                    .collect();
+                let _ = remote.handle.block_on(remote.net.add_addrs(peer, addrs));
+                added.push(format!("{} {peer}", f.name));
+            }
+            (head.seq, body.snapshots.len() as u64, added)
+        }
+        None => (0, 0, Vec::new()),
+    };
+    friends_added.sort();
+
+    // Become the writer: a signed statement naming this node and the head it continues from.
+    let local = remote.net.peer_id.to_bytes();
+    let payload = TakeoverStatement::payload(&owner_id, &local, head_seq);
+    let statement = TakeoverStatement {
+        owner: owner_id,
+        new_node: local,
+        from_seq: head_seq,
+        signature: keys.sign(CONTEXT_TAKEOVER, &payload).to_vec(),
+    };
+    repo.store
+        .set_meta("takeover", &obnam_protocol::codec::encode(&statement))?;
+    let mut took_over = Vec::new();
+    for peer in friend_peers(repo, remote)? {
+        if remote
+            .handle
+            .block_on(send_takeover(remote, keys, peer, &statement))
+            .is_ok()
+        {
+            took_over.push(peer.to_string());
+        }
+    }
+    let rebuilt = rebuild_index(repo, remote, keys, &friend_peers(repo, remote)?)?;
+    if let Some((_, head)) = &survey.best {
+        for f in repo.store.friends()? {
+            let holds = !survey.stale.iter().any(|s| {
+                s.starts_with(
+                    &PeerId::from_bytes(&f.peer_id)
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                )
+            });
+            repo.store.update_peer_state(&f.peer_id, |s| {
+                s.slot_pushed = false;
+                if holds {
+                    s.head_seq = head.seq;
+                }
+            })?;
+        }
+    }
+    repo.index_ok();
+    Ok(Recovered {
+        owner: owner_id,
+        head_seq,
+        snapshots,
+        friends_added,
+        took_over,
+        rebuilt,
+        warnings,
+    })
+}
+
+/// Proves the owner key to `peer` and sends it the takeover statement.
+///
+/// # Errors
+/// [`NodeError::Net`] naming the friend.
+pub async fn send_takeover(
+    remote: &Remote,
+    keys: &Keys,
+    peer: PeerId,
+    statement: &TakeoverStatement,
+) -> Result<(), NodeError> {
+    peers::prove(&remote.net, peer, keys).await?;
+    match remote
+        .net
+        .request(peer, Request::Takeover(statement.clone()))
+        .await?
+    {
+        Response::Ok => {
+            tracing::info!(%peer, "friend accepted the takeover");
+            Ok(())
+        }
+        Response::Error(e) => Err(crate::serve::wire_error(&peer, &e)),
+        other => Err(NodeError::Net(format!(
+            "{peer} answered {other:?} to a takeover"
+        ))),
+    }
+}
+
+/// `obnam index rebuild`: the index from the friends, and the newest head.
+///
+/// # Errors
+/// Network and database errors.
+pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), NodeError> {
+    let owner = repo.owner()?;
+    let friends = friend_peers(repo, remote)?;
+    let survey = remote
+        .handle
+        .block_on(survey_heads(remote, &owner.keys, &friends));
+    let mut warnings: Vec<String> = survey
+        .stale
+        .iter()
+        .map(|s| format!("stale friend: {s}"))
+        .collect();
+    warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
+    if let Some((bytes, head)) = &survey.best {
+        adopt_head(repo, &owner.keys, bytes, head)?;
+    }
+    let rebuilt = rebuild_index(repo, remote, &owner.keys, &friends)?;
+    repo.index_ok();
+    Ok((rebuilt, warnings))
+}
