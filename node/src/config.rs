@@ -38,8 +38,10 @@ pub struct NodeConfig {
     pub replicas: u32,
     /// Seconds between replication rounds (a round also runs after a backup and on connect).
     pub replication_interval_secs: u64,
-    /// Seconds one request to a friend may take.
+    /// Seconds one request to a friend may take (and one pack transfer).
     pub request_timeout_secs: u64,
+    /// Seconds a pack stream from a friend may stay silent before it is closed.
+    pub stream_idle_secs: u64,
     /// Bytes granted to a new friend unless `peer add --quota` says otherwise.
     pub default_quota: u64,
 }
@@ -60,6 +62,7 @@ impl Default for NodeConfig {
             replicas: 3,
             replication_interval_secs: 30,
             request_timeout_secs: 60,
+            stream_idle_secs: 60,
             default_quota: 10 * 1024 * 1024 * 1024,
         }
     }

@@ -333,6 +333,7 @@ async fn dispatch(
                     Err(NodeError::NotInitialized) => None,
                     Err(e) => return Err(e),
                 };
+                let is_owner = owner_name.is_some();
                 let snaps = repo.store.snapshots()?;
                 let usage = repo.store.outbox_usage()?;
                 let friends = repo.store.friends()?;
@@ -357,7 +358,7 @@ async fn dispatch(
                     friends_online: online,
                     replicas: health.replicas,
                     replicated_to: health.holders,
-                    under_replicated: health.holders < health.replicas,
+                    under_replicated: is_owner && !snaps.is_empty() && health.holders < health.replicas,
                     waiting: health.waiting,
                     hosted_owners: hosted.len() as u64,
                     hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
@@ -401,7 +402,7 @@ async fn wait_for_replicas(
         let r = Arc::clone(&daemon.replicator);
         let (health, friends) = blocking(move || Ok((r.health(seq)?, r.friend_count()?))).await?;
         report.replicas = health.holders;
-        if friends == 0 {
+        if friends == 0 || daemon.repo.config.replicas == 0 {
             break;
         }
         if health.target > 0 && health.holders >= health.target {
@@ -487,10 +488,20 @@ async fn peer_add(
                 .clone()
                 .or_else(|| existing.as_ref().map(|f| f.household.clone()))
                 .unwrap_or_default(),
-            addrs: addrs
-                .iter()
-                .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
-                .collect(),
+            // New addresses are added to the known ones, never replace them.
+            addrs: {
+                let mut all: Vec<serde_bytes::ByteBuf> = existing
+                    .as_ref()
+                    .map(|f| f.addrs.clone())
+                    .unwrap_or_default();
+                for a in &addrs {
+                    let b = serde_bytes::ByteBuf::from(a.to_vec());
+                    if !all.contains(&b) {
+                        all.push(b);
+                    }
+                }
+                all
+            },
             quota_given: req
                 .quota
                 .or_else(|| existing.as_ref().map(|f| f.quota_given))

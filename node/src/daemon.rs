@@ -138,7 +138,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         std::fs::read(paths.node_key()).map_err(|e| NodeError::io("reading the node key", e))?,
     );
     let probe_secret = blake3::derive_key("obnam 2026-11 key slot probe answers v1", &node_secret);
-    let server = Arc::new(crate::serve::Server::new(
+    let mut server = crate::serve::Server::new(
         repo.store.clone(),
         paths.data.join("hosted"),
         local_peer,
@@ -147,7 +147,9 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
             let wake = Arc::clone(&wake);
             move |_| wake.notify_one()
         }),
-    ));
+    );
+    server.stream_idle = Duration::from_secs(config.stream_idle_secs.max(1));
+    let server = Arc::new(server);
     let net_config = net::NetConfig {
         listen: config.listen.clone(),
         idle_timeout: Duration::from_secs(config.idle_connection_timeout_secs),

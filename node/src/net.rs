@@ -32,6 +32,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 pub const MAX_INBOUND: usize = 64;
 /// Inbound pack streams handled at once.
 pub const MAX_STREAMS: usize = 16;
+/// Exchange streams per connection at once: with the connection limits this bounds the memory
+/// a peer can make us hold in request buffers before any handler runs.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 8;
 
 /// An inbound request as decoded: valid, or refused with a reason before any handler runs.
 #[derive(Debug)]
@@ -285,7 +288,7 @@ pub async fn start(
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_pending_incoming(Some(16))
-                        .with_max_established_incoming(Some(64))
+                        .with_max_established_incoming(Some(32))
                         .with_max_established_per_peer(Some(2)),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new(
@@ -301,7 +304,7 @@ pub async fn start(
                     )],
                     request_response::Config::default()
                         .with_request_timeout(request_timeout)
-                        .with_max_concurrent_streams(MAX_INBOUND),
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
@@ -349,13 +352,16 @@ pub async fn start(
         let server = Arc::clone(&server);
         tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
+                // Beyond MAX_STREAMS at once, a stream is dropped (closed) rather than queued: a
+                // peer that opens streams and sends nothing cannot make us hold more.
+                let Ok(permit) = Arc::clone(&stream_slots).try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many pack streams; dropping one");
+                    continue;
+                };
                 let server = Arc::clone(&server);
-                let slots = Arc::clone(&stream_slots);
                 tokio::spawn(async move {
-                    let Ok(_permit) = slots.acquire_owned().await else {
-                        return;
-                    };
                     server.handle_stream(peer, stream).await;
+                    drop(permit);
                 });
             }
         });

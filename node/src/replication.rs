@@ -82,6 +82,18 @@ impl Replicator {
         })
     }
 
+    /// Bounds one transfer with the request timeout, so a friend that stops answering cannot
+    /// stall a round.
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, NodeError>>,
+    ) -> Result<T, NodeError> {
+        let limit = Duration::from_secs(self.repo.config.request_timeout_secs.max(1));
+        tokio::time::timeout(limit, f)
+            .await
+            .map_err(|_| NodeError::Net(format!("a transfer took longer than {limit:?}")))?
+    }
+
     /// Asks for a round soon.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -375,12 +387,27 @@ impl Replicator {
                 Some(s) => s,
                 None => stream.insert(self.net.open_stream(peer).await?),
             };
-            let mut result =
-                peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await;
+            let mut result = self
+                .timed(peers::upload(
+                    s,
+                    peer,
+                    owner_id,
+                    id,
+                    &self.repo.outbox.path(&id),
+                ))
+                .await;
             if result.is_err() {
                 // The stream broke (or the friend's accept queue dropped it): one fresh try.
                 let s = stream.insert(self.net.open_stream(peer).await?);
-                result = peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await;
+                result = self
+                    .timed(peers::upload(
+                        s,
+                        peer,
+                        owner_id,
+                        id,
+                        &self.repo.outbox.path(&id),
+                    ))
+                    .await;
             }
             let mut result = result?;
             if let Upload::Refused(e) = &result
@@ -388,7 +415,15 @@ impl Replicator {
             {
                 peers::prove(&self.net, peer, keys).await?;
                 let s = stream.insert(self.net.open_stream(peer).await?);
-                result = peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)).await?;
+                result = self
+                    .timed(peers::upload(
+                        s,
+                        peer,
+                        owner_id,
+                        id,
+                        &self.repo.outbox.path(&id),
+                    ))
+                    .await?;
             }
             match result {
                 Upload::Stored | Upload::Already => {
@@ -413,11 +448,11 @@ impl Replicator {
         if !all_held {
             return Ok(());
         }
-        let Some(head) = store.own_head()? else {
+        let Some(head_bytes) = store.own_head()? else {
             return Ok(());
         };
         let (_, parsed) =
-            SignedHead::verify(&head, &owner_id).map_err(|e| NodeError::Authentication {
+            SignedHead::verify(&head_bytes, &owner_id).map_err(|e| NodeError::Authentication {
                 what: format!("own head: {e}"),
             })?;
         if state.head_seq < parsed.seq {
@@ -427,7 +462,7 @@ impl Replicator {
                 keys,
                 Request::PutHead {
                     owner: owner_id,
-                    head: ByteBuf::from(head),
+                    head: ByteBuf::from(head_bytes.clone()),
                 },
             )
             .await?
@@ -437,8 +472,26 @@ impl Replicator {
                     self.bump();
                 }
                 Response::Error(e) if e.code == ErrorCode::StaleHead => {
-                    tracing::warn!(%peer, "friend holds a newer head than ours: {}", e.message);
-                    store.update_peer_state(&f.peer_id, |s| s.head_seq = parsed.seq)?;
+                    // The friend holds another head at or above ours: count it as holding ours
+                    // only if it is exactly ours; otherwise another node writes for this owner.
+                    let theirs = peers::owner_request(
+                        &self.net,
+                        peer,
+                        keys,
+                        Request::GetHead { owner: owner_id },
+                    )
+                    .await?;
+                    match theirs {
+                        Response::Head(Some(h)) if h.as_ref() == head_bytes.as_slice() => {
+                            store.update_peer_state(&f.peer_id, |s| s.head_seq = parsed.seq)?;
+                        }
+                        _ => {
+                            return Err(NodeError::Net(format!(
+                                "friend {peer} holds a different head than ours ({}): another node may be writing for this owner; run `obnam snapshots`",
+                                e.message
+                            )));
+                        }
+                    }
                 }
                 Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
                 other => return Err(NodeError::Net(format!("{peer} answered {other:?}"))),

@@ -61,6 +61,8 @@ pub struct Repo {
     pub remote: std::sync::Arc<std::sync::OnceLock<Remote>>,
     /// Why the local index cannot be trusted, until `obnam index rebuild` runs.
     index_problem: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Where packs fetched from friends are kept during one operation.
+    cache_dir: std::path::PathBuf,
 }
 
 impl Repo {
@@ -95,6 +97,7 @@ impl Repo {
             problem = Some(format!("{} is missing", db.display()));
         }
         let outbox = Outbox::open(paths.outbox())?;
+        let cache_dir = paths.data.join("cache").join("shared");
         Ok(Self {
             paths,
             config,
@@ -102,7 +105,22 @@ impl Repo {
             outbox,
             remote: std::sync::Arc::new(std::sync::OnceLock::new()),
             index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
+            cache_dir,
         })
+    }
+
+    /// A handle whose fetched packs go to a cache of its own, removed by [`Repo::clear_cache`]
+    /// without touching other operations' caches.
+    pub fn with_private_cache(&self) -> Repo {
+        let mut r = self.clone();
+        let mut tag = [0u8; 8];
+        rand::fill(&mut tag[..]);
+        r.cache_dir = self
+            .paths
+            .data
+            .join("cache")
+            .join(tag.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        r
     }
 
     /// Refuses to work on a missing or damaged index.
@@ -350,10 +368,7 @@ impl Repo {
     }
 
     fn cache_path(&self, pack: &obnam_protocol::PackId) -> std::path::PathBuf {
-        self.paths
-            .data
-            .join("cache")
-            .join(format!("{}.pack", pack.to_hex()))
+        self.cache_dir.join(format!("{}.pack", pack.to_hex()))
     }
 
     /// Reads a byte range of one of our packs, fetching the pack from a friend when it is not in
@@ -426,7 +441,7 @@ impl Repo {
         keys: &Keys,
         pack: obnam_protocol::PackId,
     ) -> Result<(), NodeError> {
-        let dir = self.paths.data.join("cache");
+        let dir = self.cache_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::io(format!("creating {}", dir.display()), e))?;
         let mut candidates: Vec<libp2p::PeerId> = self
@@ -448,13 +463,20 @@ impl Repo {
             let tmp = dir.join(format!("{}.{}.part", pack.to_hex(), peer));
             // libp2p-stream drops an inbound stream when its accept queue is momentarily full:
             // retry a broken transfer a few times before moving on to another friend.
-            let mut result = crate::peers::fetch(&remote.net, peer, keys, pack, &tmp).await;
+            let limit = std::time::Duration::from_secs(self.config.request_timeout_secs.max(1));
+            let timed = |f| async move {
+                tokio::time::timeout(limit, f)
+                    .await
+                    .map_err(|_| NodeError::Net(format!("fetch took longer than {limit:?}")))?
+            };
+            let mut result = timed(crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)).await;
             for attempt in 1..FETCH_ATTEMPTS {
                 match &result {
                     Err(NodeError::Net(m)) if !m.contains("refused") => {
                         tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64))
                             .await;
-                        result = crate::peers::fetch(&remote.net, peer, keys, pack, &tmp).await;
+                        result =
+                            timed(crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)).await;
                     }
                     _ => break,
                 }
@@ -501,7 +523,7 @@ impl Repo {
 
     /// Removes fetched packs.
     pub fn clear_cache(&self) {
-        let _ = std::fs::remove_dir_all(self.paths.data.join("cache"));
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
     }
 
     /// Reads a blob stored as chunks (a tree).

@@ -70,6 +70,7 @@ pub fn ls(
     req: &LsRequest,
     events: &dyn Events,
 ) -> Result<(SnapshotId, u64), NodeError> {
+    let repo = &repo.with_private_cache();
     let owner = repo.owner()?;
     let keys = &owner.keys;
     let (id, record) = repo.resolve_snapshot(&req.snapshot)?;
@@ -139,6 +140,7 @@ pub fn restore(
     req: &RestoreRequest,
     events: &dyn Events,
 ) -> Result<RestoreReport, NodeError> {
+    let repo = &repo.with_private_cache();
     let owner = repo.owner()?;
     let keys = &owner.keys;
     let (id, record) = repo.resolve_snapshot(&req.snapshot)?;

@@ -34,6 +34,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const NONCE_LIFETIME: Duration = Duration::from_secs(120);
+
 /// How long a proved owner key lets a node read that owner's data.
 const PROVEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Most outstanding nonces.
@@ -93,6 +94,8 @@ pub struct Server {
     /// Answers unknown lookup ids with a stable fake slot.
     probe_secret: [u8; 32],
     slot_lookups: Mutex<SlotLimiter>,
+    /// How long a pack stream may stay silent (between frames, or in the middle of a body).
+    pub stream_idle: Duration,
     on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
 }
 
@@ -113,13 +116,17 @@ impl Server {
             proven: Mutex::new(HashMap::new()),
             probe_secret,
             slot_lookups: Mutex::new(SlotLimiter::default()),
+            stream_idle: Duration::from_secs(60),
             on_connect,
         }
     }
 
-    /// Called by the event loop when a connection opens.
+    /// Called by the event loop when a connection opens: a friend's arrival wakes replication
+    /// (a stranger's does not).
     pub fn on_connected(&self, peer: PeerId) {
-        (self.on_connect)(peer);
+        if self.is_friend(&peer) {
+            (self.on_connect)(peer);
+        }
     }
 
     /// Where a hosted pack's body is.
@@ -451,7 +458,20 @@ impl Server {
     /// Serves one pack stream until the peer closes it.
     pub async fn handle_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
         loop {
-            let header: StreamRequest = match read_frame(&mut stream, MAX_STREAM_HEADER).await {
+            // A peer that opens a stream and sends nothing is dropped after the timeout.
+            let header = match tokio::time::timeout(
+                self.stream_idle,
+                read_frame::<StreamRequest>(&mut stream, MAX_STREAM_HEADER),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(%peer, "pack stream idle; closing");
+                    break;
+                }
+            };
+            let header: StreamRequest = match header {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => {
@@ -603,9 +623,19 @@ impl Server {
         while left > 0 {
             let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
             let mut buf = vec![0u8; n];
-            if let Err(e) = stream.read_exact(&mut buf).await {
-                read_err = Some(e);
-                break;
+            match tokio::time::timeout(self.stream_idle, stream.read_exact(&mut buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    read_err = Some(e);
+                    break;
+                }
+                Err(_) => {
+                    read_err = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no data for a minute",
+                    ));
+                    break;
+                }
             }
             left -= n as u64;
             if tx.send(buf).await.is_err() {

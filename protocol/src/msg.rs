@@ -26,13 +26,13 @@ pub const EXCHANGE_PROTOCOL: &str = "/obnam/exchange/1";
 /// The stream protocol for pack bodies.
 pub const PACKS_PROTOCOL: &str = "/obnam/packs/1";
 /// The largest exchange message, either way.
-pub const MAX_MESSAGE: usize = 256 * 1024;
+pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// The largest stream header frame.
 pub const MAX_STREAM_HEADER: usize = 4096;
 /// Most pack ids in one [`Request::Have`].
 pub const MAX_HAVE: usize = 4096;
-/// The largest head a friend stores.
-pub const MAX_HEAD: usize = 192 * 1024;
+/// The largest head a friend stores: room for about 4,000 snapshots (each adds about 250 bytes).
+pub const MAX_HEAD: usize = MAX_MESSAGE - 4096;
 /// The largest key slot a friend stores.
 pub const MAX_SLOT: usize = 1024;
 

@@ -220,7 +220,13 @@ impl Store {
         let Some(friend) = self.friend(&rec.bound_peer)? else {
             return Ok(None);
         };
-        Ok(Some((friend.quota_given, rec.used)))
+        let used = self
+            .hosted_owners()?
+            .iter()
+            .filter(|(_, o)| o.bound_peer == rec.bound_peer)
+            .map(|(_, o)| o.used)
+            .sum();
+        Ok(Some((friend.quota_given, used)))
     }
 
     /// Records a hosted pack whose body is already durable in its file, checking the quota in
@@ -261,9 +267,20 @@ impl Store {
                 };
                 match (rec, friend) {
                     (Some(mut rec), Some(friend)) => {
-                        if rec.used.saturating_add(len) > friend.quota_given {
+                        // The quota belongs to the friend, whatever number of owner keys its
+                        // node proves: count every owner bound to it.
+                        let mut used_by_friend = 0u64;
+                        for item in owners.iter()? {
+                            let (_, v) = item?;
+                            let o = HostedOwner::from_bytes(v.value())
+                                .map_err(corrupt("hosted owner".into()))?;
+                            if o.bound_peer == rec.bound_peer {
+                                used_by_friend += o.used;
+                            }
+                        }
+                        if used_by_friend.saturating_add(len) > friend.quota_given {
                             PutOutcome::QuotaExceeded {
-                                available: friend.quota_given.saturating_sub(rec.used),
+                                available: friend.quota_given.saturating_sub(used_by_friend),
                             }
                         } else {
                             rec.used += len;
@@ -512,6 +529,14 @@ mod tests {
         assert_eq!(store.available(&owner)?, Some((100, 100)));
         assert_eq!(store.has_hosted(&owner, &PackId([2; 32]))?, Some(40));
         assert_eq!(store.hosted_owner(&owner)?.map(|o| o.packs), Some(2));
+        // A second owner key proved by the same friend shares its quota.
+        let other = OwnerId([2; 32]);
+        store.bind_owner(&other, &[7])?;
+        assert_eq!(
+            store.commit_hosted(&other, &PackId([3; 32]), 1)?,
+            PutOutcome::QuotaExceeded { available: 0 }
+        );
+        assert_eq!(store.available(&other)?, Some((100, 100)));
         Ok(())
     }
 
