@@ -135,6 +135,23 @@ pub struct InitArgs {
 pub enum PassphraseCommand {
     /// Check that you still know the passphrase (it is the only way back after losing this machine).
     Check(PassphraseArgs),
+    /// Change the passphrase: the new key slot goes to every friend and replaces the old one
+    /// there; no data is re-uploaded. The old passphrase stops working at every friend reached.
+    Change(ChangeArgs),
+}
+
+/// `obnam passphrase change`.
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    /// Read the current passphrase from this file (first line); else OBNAM_PASSPHRASE or a prompt.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the new passphrase from this file (first line); else OBNAM_NEW_PASSPHRASE or a prompt.
+    #[arg(long, value_name = "FILE")]
+    pub new_passphrase_file: Option<PathBuf>,
+    /// Accept a new passphrase that the strength check rejects.
+    #[arg(long)]
+    pub weak_passphrase_ok: bool,
 }
 
 /// Where a passphrase comes from.

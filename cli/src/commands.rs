@@ -1,7 +1,7 @@
 //! One function per command: build the request, send it, print the reply.
 
 use crate::args::{
-    BackupArgs, Cli, Command, Global, IndexCommand, InitArgs, LsArgs, PassphraseArgs,
+    BackupArgs, ChangeArgs, Cli, Command, Global, IndexCommand, InitArgs, LsArgs, PassphraseArgs,
     PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs,
 };
 use crate::exit;
@@ -112,6 +112,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Restore(a) => restore(&g, a),
         Command::Status => status(&g),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
+        Command::Passphrase(PassphraseCommand::Change(a)) => change(&g, a),
         Command::Peer(PeerCommand::Add(a)) => peer_add(&g, a),
         Command::Index(IndexCommand::Rebuild) => {
             recovered(&g, Request::IndexRebuild, "rebuilding the index")
@@ -457,6 +458,7 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "backup_running": s.backup_running, "friends": s.friends, "friends_online": s.friends_online,
             "replicas": s.replicas, "replicated_to": s.replicated_to, "under_replicated": s.under_replicated,
             "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
+            "slot_pending": s.slot_pending,
         }));
     } else {
         println!("data directory: {}", s.data_dir);
@@ -638,6 +640,62 @@ fn recovered(g: &Global, req: Request, what: &str) -> Result<u8, Failure> {
                 }
                 for w in &r.warnings {
                     eprintln!("warning: {w}");
+                }
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+fn change(g: &Global, a: ChangeArgs) -> Result<u8, Failure> {
+    let old = passphrase(a.passphrase_file.as_deref(), false)?;
+    let new = match (
+        &a.new_passphrase_file,
+        std::env::var("OBNAM_NEW_PASSPHRASE"),
+    ) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading passphrase file {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+        (None, Ok(p)) => p,
+        (None, Err(_)) => {
+            if !std::io::stdin().is_terminal() {
+                return Err(anyhow!(
+                    "no new passphrase: set OBNAM_NEW_PASSPHRASE or pass --new-passphrase-file"
+                )
+                .into());
+            }
+            let p = rpassword::prompt_password("New passphrase: ").map_err(anyhow::Error::from)?;
+            if rpassword::prompt_password("New passphrase again: ").map_err(anyhow::Error::from)?
+                != p
+            {
+                return Err(anyhow!("the new passphrases differ").into());
+            }
+            p
+        }
+    };
+    match call(
+        g,
+        Request::ChangePassphrase {
+            old,
+            new,
+            weak_ok: a.weak_passphrase_ok,
+        },
+        "re-wrapping keys",
+    )? {
+        Reply::PassphraseChanged { name, pending } => {
+            if g.json {
+                print_json(&json!({"name": name, "pending": pending}));
+            } else {
+                println!("The passphrase of owner {name:?} is changed.");
+                if !pending.is_empty() {
+                    println!(
+                        "The new key slot goes to {} friends; `obnam status` lists those not reached yet.",
+                        pending.len()
+                    );
                 }
             }
             Ok(exit::OK)

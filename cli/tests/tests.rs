@@ -7,3 +7,4 @@ mod errors;
 mod friends;
 mod one_node;
 mod recovery;
+mod strangers;

@@ -283,6 +283,29 @@ async fn dispatch(
             .await
             .inspect(|_| daemon.replicator.wake())
         }
+        Request::ChangePassphrase { old, new, weak_ok } => {
+            let d = Arc::clone(daemon);
+            blocking(move || {
+                let path = repo.paths.secrets();
+                let name = keys::load_secrets(&path)?.name.clone();
+                if new.is_empty() {
+                    return Err(NodeError::WeakPassphrase { reason: "it is empty".into() });
+                }
+                if !weak_ok {
+                    keys::check_strength(&new, &name)?;
+                }
+                keys::change_passphrase(&path, &old, &new)?;
+                let mut pending = Vec::new();
+                for f in repo.store.friends()? {
+                    repo.store.update_peer_state(&f.peer_id, |s| s.slot_pushed = false)?;
+                    pending.push(f.name.clone());
+                }
+                tracing::info!(name = %name, friends = pending.len(), "passphrase changed; pushing the new key slot to every friend");
+                d.replicator.wake();
+                Ok(Reply::PassphraseChanged { name, pending })
+            })
+            .await
+        }
         Request::IndexRebuild => {
             blocking(move || {
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
@@ -344,6 +367,14 @@ async fn dispatch(
                 let seq = current_seq(&repo)?;
                 let health = d.replicator.health(seq)?;
                 let hosted = repo.store.hosted_owners()?;
+                let mut slot_pending = Vec::new();
+                if is_owner {
+                    for f in &friends {
+                        if !repo.store.peer_state(&f.peer_id)?.slot_pushed {
+                            slot_pending.push(f.name.clone());
+                        }
+                    }
+                }
                 Ok(Reply::Status(StatusReply {
                     data_dir: repo.paths.data.display().to_string(),
                     peer_id,
@@ -362,6 +393,7 @@ async fn dispatch(
                     waiting: health.waiting,
                     hosted_owners: hosted.len() as u64,
                     hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
+                    slot_pending,
                 }))
             })
             .await

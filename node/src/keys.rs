@@ -332,6 +332,32 @@ pub fn load_owner(path: &Path) -> Result<Owner, NodeError> {
     })
 }
 
+/// Re-wraps the master secret under a new passphrase and rewrites the secrets file. Nothing
+/// else changes: the derived keys stay the same, so no data is re-uploaded.
+///
+/// # Errors
+/// [`NodeError::WrongPassphrase`] for a wrong current passphrase, I/O errors.
+pub fn change_passphrase(path: &Path, old: &str, new: &str) -> Result<Owner, NodeError> {
+    check_passphrase(path, old)?;
+    let file = load_secrets(path)?;
+    let master = MasterSecret::from_slice(&file.master)?;
+    let stretched = stretch(new, &file.name, SLOT_VERSION)?;
+    let slot = wrap(&master, &stretched)?.to_bytes();
+    let updated = SecretsFile {
+        name: file.name.clone(),
+        master: file.master.clone(),
+        slot: slot.clone(),
+        lookup: stretched.lookup,
+    };
+    write_secrets(path, &updated)?;
+    Ok(Owner {
+        name: file.name.clone(),
+        slot,
+        lookup: stretched.lookup,
+        keys: Keys::derive(&master),
+    })
+}
+
 /// Checks a passphrase against the slot in the secrets file.
 ///
 /// # Errors

@@ -398,31 +398,7 @@ pub fn recover(
     let (head_seq, snapshots, mut friends_added) = match &survey.best {
         Some((bytes, head)) => {
             let body = adopt_head(repo, keys, bytes, head)?;
-            let mut added = Vec::new();
-            for f in &body.friends {
-                let Ok(peer) = PeerId::from_bytes(&f.peer_id) else {
-                    continue;
-                };
-                if peer == remote.net.peer_id || repo.store.friend(&f.peer_id)?.is_some() {
-                    continue;
-                }
-                let friend = Friend {
-                    peer_id: f.peer_id.clone(),
-                    name: f.name.clone(),
-                    household: String::new(),
-                    addrs: f.addrs.clone(),
-                    quota_given: repo.config.default_quota,
-                    added_ns: now_ns(),
-                };
-                repo.store.put_friend(&friend)?;
-                let addrs = f
-                    .addrs
-                    .iter()
-                    .filter_map(|a| libp2p::Multiaddr::try_from(a.to_vec()).ok())
-                    .collect();
-                let _ = remote.handle.block_on(remote.net.add_addrs(peer, addrs));
-                added.push(format!("{} {peer}", f.name));
-            }
+            let added = learn_friends(repo, remote, &body)?;
             (head.seq, body.snapshots.len() as u64, added)
         }
         None => (0, 0, Vec::new()),
@@ -480,6 +456,45 @@ pub fn recover(
     })
 }
 
+/// Befriends the friends listed in a head that this node does not know yet (with the default
+/// quota), and dials them. Returns them as `name peer-id`.
+///
+/// # Errors
+/// Database errors.
+pub fn learn_friends(
+    repo: &Repo,
+    remote: &Remote,
+    body: &HeadBody,
+) -> Result<Vec<String>, NodeError> {
+    let mut added = Vec::new();
+    for f in &body.friends {
+        let Ok(peer) = PeerId::from_bytes(&f.peer_id) else {
+            continue;
+        };
+        if peer == remote.net.peer_id || repo.store.friend(&f.peer_id)?.is_some() {
+            continue;
+        }
+        let friend = Friend {
+            peer_id: f.peer_id.clone(),
+            name: f.name.clone(),
+            household: String::new(),
+            addrs: f.addrs.clone(),
+            quota_given: repo.config.default_quota,
+            added_ns: now_ns(),
+        };
+        repo.store.put_friend(&friend)?;
+        let addrs = f
+            .addrs
+            .iter()
+            .filter_map(|a| libp2p::Multiaddr::try_from(a.to_vec()).ok())
+            .collect();
+        let _ = remote.handle.block_on(remote.net.add_addrs(peer, addrs));
+        added.push(format!("{} {peer}", f.name));
+    }
+    added.sort();
+    Ok(added)
+}
+
 /// Proves the owner key to `peer` and sends it the takeover statement.
 ///
 /// # Errors
@@ -514,6 +529,11 @@ pub async fn send_takeover(
 pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), NodeError> {
     let owner = repo.owner()?;
     let friends = friend_peers(repo, remote)?;
+    if friends.is_empty() {
+        return Err(NodeError::Usage(
+            "this node knows no friends (they were in the lost index): add one with `obnam peer add <ticket>`, then run `obnam index rebuild` again; the others are learned from your newest head".into(),
+        ));
+    }
     let survey = remote
         .handle
         .block_on(survey_heads(remote, &owner.keys, &friends));
@@ -524,9 +544,10 @@ pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), N
         .collect();
     warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
     if let Some((bytes, head)) = &survey.best {
-        adopt_head(repo, &owner.keys, bytes, head)?;
+        let body = adopt_head(repo, &owner.keys, bytes, head)?;
+        learn_friends(repo, remote, &body)?;
     }
-    let rebuilt = rebuild_index(repo, remote, &owner.keys, &friends)?;
+    let rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
     repo.index_ok();
     Ok((rebuilt, warnings))
 }

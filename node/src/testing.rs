@@ -279,3 +279,123 @@ pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, Nod
         Ok(out)
     })
 }
+
+/// Connects as a stranger (not a friend) and probes: key slots for `lookups` (in order, each
+/// answer's encoded length and a hash of it), then requests a stranger may not make. Returns
+/// `(case, answer)` pairs.
+///
+/// # Errors
+/// When the node cannot be reached at all.
+pub fn stranger_probe(
+    seed: u8,
+    target: &str,
+    lookups: &[obnam_protocol::LookupId],
+    owner: OwnerId,
+) -> Result<Vec<(String, String)>, NodeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::io("runtime", e))?;
+    rt.block_on(async {
+        let addr: Multiaddr = target
+            .parse()
+            .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+            _ => {
+                return Err(NodeError::Usage(
+                    "the address must end in /p2p/<peer id>".into(),
+                ));
+            }
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let mut control = swarm.behaviour().new_control();
+        swarm
+            .dial(addr)
+            .map_err(|e| NodeError::Net(e.to_string()))?;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+                    return;
+                }
+            }
+        })
+        .await
+        .map_err(|_| NodeError::Net("timed out connecting".into()))?;
+        let driver = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let mut out = Vec::new();
+        for (i, lookup) in lookups.iter().enumerate() {
+            let answer = match exchange_decoded(
+                &mut control,
+                peer,
+                &msg::frame(&Request::GetSlot { lookup: *lookup }),
+            )
+            .await
+            {
+                Some(Response::Slot(Some(b))) => format!(
+                    "slot {} bytes {}",
+                    b.len(),
+                    &blake3::hash(&b).to_hex()[..16]
+                ),
+                Some(Response::Error(e)) => format!("{:?}", e.code),
+                other => format!("{other:?}"),
+            };
+            out.push((format!("lookup {i}"), answer));
+        }
+        out.push((
+            "get_head".into(),
+            exchange_raw(&mut control, peer, &msg::frame(&Request::GetHead { owner })).await,
+        ));
+        out.push((
+            "list_packs".into(),
+            exchange_raw(
+                &mut control,
+                peer,
+                &msg::frame(&Request::ListPacks {
+                    owner,
+                    after: None,
+                    limit: 10,
+                }),
+            )
+            .await,
+        ));
+        let slot = serde_bytes::ByteBuf::from(vec![1, 1, 0]);
+        out.push((
+            "put_slot".into(),
+            exchange_raw(
+                &mut control,
+                peer,
+                &msg::frame(&Request::PutSlot {
+                    owner,
+                    lookup: obnam_protocol::LookupId([3; 32]),
+                    slot,
+                }),
+            )
+            .await,
+        ));
+        let get = msg::frame(&StreamRequest::Get {
+            owner,
+            pack: PackId([1; 32]),
+            offset: 0,
+            len: 10,
+        });
+        out.push(("get_pack".into(), packs_raw(&mut control, peer, &get).await));
+        driver.abort();
+        Ok(out)
+    })
+}

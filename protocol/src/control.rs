@@ -56,6 +56,15 @@ pub enum Request {
     },
     /// Rebuild the local index from the friends.
     IndexRebuild,
+    /// Re-wrap the master secret under a new passphrase.
+    ChangePassphrase {
+        /// The current passphrase.
+        old: String,
+        /// The new passphrase.
+        new: String,
+        /// Accept a new passphrase that the strength check rejects.
+        weak_ok: bool,
+    },
 }
 
 /// The result of a recovery or an index rebuild.
@@ -252,6 +261,13 @@ pub enum Reply {
     },
     /// For [`Request::Recover`] and [`Request::IndexRebuild`].
     Recovered(RecoverReply),
+    /// For [`Request::ChangePassphrase`].
+    PassphraseChanged {
+        /// The owner name.
+        name: String,
+        /// Friends that still hold the old slot until they are reached.
+        pending: Vec<String>,
+    },
 }
 
 /// The node's identity.
@@ -404,6 +420,9 @@ pub struct StatusReply {
     pub hosted_owners: u64,
     /// Bytes stored for friends.
     pub hosted_bytes: u64,
+    /// Friends that do not hold our current key slot yet (after a passphrase change, they still
+    /// hold the old one).
+    pub slot_pending: Vec<String>,
 }
 
 /// Encodes a frame: length prefix and postcard body.
