@@ -170,6 +170,9 @@ pub fn backup(
             s.spawn(move || seal_worker(&keys, level, &rx, &tx));
         }
         drop(sealed_tx);
+        // Only the workers hold the job receiver: when they all stop (because the packer or the
+        // writer failed), the walker's next send fails instead of blocking forever.
+        drop(job_rx);
         let packer = {
             let keys = Arc::clone(&keys);
             let shared = Arc::clone(&shared);
@@ -294,7 +297,10 @@ fn packer(
         };
         builder.add(chunk.id, &chunk.sealed, chunk.plain_len);
         if builder.len() >= PACK_TARGET || builder.count() >= MAX_PACK_CHUNKS {
-            let pack = std::mem::take(&mut builder).finish(keys)?;
+            let pack = match std::mem::take(&mut builder).finish(keys) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
             if tx.send(pack).is_err() {
                 // The writer stopped: it recorded its error and set the abort flag.
                 return Ok(());
@@ -302,7 +308,10 @@ fn packer(
         }
     }
     if !builder.is_empty() {
-        let pack = builder.finish(keys)?;
+        let pack = match builder.finish(keys) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
         let _ = tx.send(pack);
     }
     Ok(())
@@ -539,7 +548,21 @@ impl Walker<'_> {
                     self.files += 1;
                     return Ok(Some(e));
                 }
-                let file = match std::fs::File::open(path) {
+                // O_NOFOLLOW and O_NONBLOCK: if the file was swapped for a symlink or a FIFO
+                // since we looked, opening fails or does not block; then check it is still a file.
+                use std::os::unix::fs::OpenOptionsExt;
+                let opened = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+                    .open(path)
+                    .and_then(|f| {
+                        if f.metadata()?.is_file() {
+                            Ok(f)
+                        } else {
+                            Err(std::io::Error::other("it changed into something other than a regular file during the backup"))
+                        }
+                    });
+                let file = match opened {
                     Ok(f) => f,
                     Err(err) => {
                         self.problem(path, err);

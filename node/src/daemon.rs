@@ -113,6 +113,8 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
             path: paths.data.clone(),
         })?;
     let key = load_or_create_key(&paths.node_key())?;
+    // Packs fetched by an operation that was interrupted.
+    let _ = std::fs::remove_dir_all(paths.data.join("cache"));
     let repo = {
         let paths = paths.clone();
         let config = config.clone();

@@ -357,6 +357,7 @@ pub fn recover(
     }
     let stretched = keys::stretch(passphrase, name, SLOT_VERSION)?;
     let mut found = None;
+    let mut busy = false;
     for &peer in &friends {
         match remote.handle.block_on(remote.net.request(
             peer,
@@ -373,11 +374,18 @@ pub fn recover(
                     break;
                 }
             }
+            Ok(Response::Error(e)) if e.code == obnam_protocol::msg::ErrorCode::Busy => busy = true,
             Ok(other) => tracing::debug!(%peer, ?other, "no slot"),
             Err(e) => tracing::debug!(%peer, error = %e, "slot lookup failed"),
         }
     }
     let Some((master, slot)) = found else {
+        if busy {
+            return Err(NodeError::Net(
+                "friends limit key slot lookups to a few a minute: wait a minute and try again"
+                    .into(),
+            ));
+        }
         return Err(NodeError::NoSlot {
             name: name.to_owned(),
             asked: friends.len(),
@@ -543,7 +551,17 @@ pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), N
         .map(|s| format!("stale friend: {s}"))
         .collect();
     warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
-    if let Some((bytes, head)) = &survey.best {
+    // Adopt the friends' head only when it is newer than ours: a backup that reached no friend
+    // yet must not be rolled back.
+    let local_seq = match repo.store.own_head()? {
+        Some(h) => SignedHead::verify(&h, &owner.keys.owner_id())
+            .map(|(_, h)| h.seq)
+            .unwrap_or(0),
+        None => 0,
+    };
+    if let Some((bytes, head)) = &survey.best
+        && head.seq > local_seq
+    {
         let body = adopt_head(repo, &owner.keys, bytes, head)?;
         learn_friends(repo, remote, &body)?;
     }

@@ -335,7 +335,14 @@ impl Replicator {
             };
             match peers::owner_request(&self.net, peer, keys, req).await? {
                 Response::Ok => {
-                    store.update_peer_state(&f.peer_id, |s| s.slot_pushed = true)?;
+                    // A passphrase change in between makes this slot stale: only mark it pushed if it
+                    // is still the current one.
+                    let current = crate::keys::load_secrets(&self.repo.paths.secrets())
+                        .map(|s| s.lookup == owner.lookup)
+                        .unwrap_or(false);
+                    if current {
+                        store.update_peer_state(&f.peer_id, |s| s.slot_pushed = true)?;
+                    }
                     tracing::info!(%peer, "key slot stored at friend");
                 }
                 Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
@@ -345,6 +352,9 @@ impl Replicator {
         if !data {
             return Ok(());
         }
+        // The head is read before the pack list: a backup committing in between must not send
+        // a friend a head whose packs this round did not send.
+        let head_at_start = store.own_head()?;
         // Packs we do not know the friend to hold, and cannot send from the outbox: it may hold
         // them already (after a recovery, or an index rebuild while it was away). Ask.
         let unknown: Vec<_> = store
@@ -448,7 +458,7 @@ impl Replicator {
         if !all_held {
             return Ok(());
         }
-        let Some(head_bytes) = store.own_head()? else {
+        let Some(head_bytes) = head_at_start else {
             return Ok(());
         };
         let (_, parsed) =

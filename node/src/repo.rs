@@ -80,6 +80,7 @@ impl Repo {
         let mut problem = None;
         let store = match Store::open(&db, &opts) {
             Ok(s) => s,
+            Err(e @ obnam_store::StoreError::Schema { .. }) => return Err(e.into()),
             Err(e) if initialised => {
                 // Keep the damaged file for inspection and start afresh; commands refuse to run
                 // until the index is rebuilt from the friends.
@@ -463,7 +464,11 @@ impl Repo {
             let tmp = dir.join(format!("{}.{}.part", pack.to_hex(), peer));
             // libp2p-stream drops an inbound stream when its accept queue is momentarily full:
             // retry a broken transfer a few times before moving on to another friend.
-            let limit = std::time::Duration::from_secs(self.config.request_timeout_secs.max(1));
+            // Whole packs are at most MAX_PACK_LEN: allow for them at a slow 32 KiB/s.
+            let limit = std::time::Duration::from_secs(
+                self.config.request_timeout_secs.max(1)
+                    + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
+            );
             let timed = |f| async move {
                 tokio::time::timeout(limit, f)
                     .await

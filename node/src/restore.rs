@@ -399,13 +399,15 @@ impl Restorer<'_> {
     }
 
     fn write_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
-        let name = path
-            .file_name()
-            .map(|n| n.as_bytes().to_vec())
-            .unwrap_or_default();
-        let mut tmp_name = b".obnam-restore-".to_vec();
-        tmp_name.extend_from_slice(&name[..name.len().min(200)]);
-        let tmp = path.with_file_name(OsStr::from_bytes(&tmp_name));
+        // A random temporary name, created exclusively: it cannot collide with (and so never
+        // removes) a name in the snapshot.
+        let mut tag = [0u8; 12];
+        rand::fill(&mut tag[..]);
+        let tmp_name = format!(
+            ".obnam-restore-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let tmp = path.with_file_name(tmp_name);
         let result = (|| {
             // A leftover temporary file (or a link planted in its place) is removed, never followed.
             remove_existing(&tmp)

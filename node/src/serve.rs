@@ -255,9 +255,18 @@ impl Server {
             }
             Request::ProveOwner(proof) => {
                 self.check_proof(&peer, &proof)?;
-                if let Ok(mut p) = self.proven.lock() {
+                // Remember the proof for reading only for owners we host (a stranger proving
+                // throwaway keys gets nothing to remember), and never more than MAX_NONCES.
+                let hosted = self
+                    .store
+                    .hosted_owner(&proof.owner)
+                    .map_err(internal)?
+                    .is_some();
+                if hosted && let Ok(mut p) = self.proven.lock() {
                     p.retain(|_, t| t.elapsed() < PROVEN_LIFETIME);
-                    p.insert((peer, proof.owner), Instant::now());
+                    if p.len() < MAX_NONCES {
+                        p.insert((peer, proof.owner), Instant::now());
+                    }
                 }
                 if !self.is_friend(&peer) {
                     tracing::info!(%peer, owner = %proof.owner.short(), "a node that is not a friend proved an owner key: it may read that owner's data");
@@ -274,6 +283,10 @@ impl Server {
                     }
                     // The proof stands for reading; writing needs a takeover.
                     Binding::Elsewhere(_) => Ok(Response::Ok),
+                    Binding::TooMany => Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        "this node already stores data for too many owner keys of yours",
+                    )),
                 }
             }
             Request::GetSlot { lookup } => {
@@ -359,9 +372,17 @@ impl Server {
                 }
                 KeySlot::from_bytes(&slot)
                     .map_err(|e| refuse(ErrorCode::Malformed, format!("key slot: {e}")))?;
-                self.store
+                if !self
+                    .store
                     .put_slot(&owner, &lookup, &slot)
-                    .map_err(internal)?;
+                    .map_err(internal)?
+                {
+                    tracing::warn!(%peer, "refused a key slot: its lookup id is filed for another owner");
+                    return Err(refuse(
+                        ErrorCode::BoundElsewhere,
+                        "that lookup id is filed for another owner",
+                    ));
+                }
                 Ok(Response::Ok)
             }
             Request::Usage { owner } => {
@@ -512,7 +533,9 @@ impl Server {
     ) -> bool {
         let reply = |e: WireError| StreamReply::Error(e);
         if let Err(e) = self.owner_check(peer, &owner) {
-            return write_frame(stream, &reply(e)).await.is_ok();
+            // Refused: answer and close, so a stranger cannot hold a stream slot.
+            let _ = write_frame(stream, &reply(e)).await;
+            return false;
         }
         if len > MAX_PACK_LEN {
             let _ = write_frame(
@@ -711,7 +734,8 @@ impl Server {
         len: u64,
     ) -> bool {
         if let Err(e) = self.read_check(peer, &owner) {
-            return write_frame(stream, &StreamReply::Error(e)).await.is_ok();
+            let _ = write_frame(stream, &StreamReply::Error(e)).await;
+            return false;
         }
         let size = match self.store.has_hosted(&owner, &pack) {
             Ok(Some(s)) => s,
@@ -771,7 +795,14 @@ impl Server {
         while left > 0 {
             let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
             let mut buf = vec![0u8; n];
-            if file.read_exact(&mut buf).await.is_err() || stream.write_all(&buf).await.is_err() {
+            if file.read_exact(&mut buf).await.is_err() {
+                return false;
+            }
+            // A reader that stops reading is dropped after the idle timeout.
+            if !matches!(
+                tokio::time::timeout(self.stream_idle, stream.write_all(&buf)).await,
+                Ok(Ok(()))
+            ) {
                 return false;
             }
             left -= n as u64;

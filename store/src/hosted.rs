@@ -38,9 +38,14 @@ fn hosted_key(owner: &OwnerId, pack: &PackId) -> [u8; 64] {
     k
 }
 
+/// Most owner keys one friend's node may bind here.
+pub const MAX_OWNERS_PER_FRIEND: usize = 16;
+
 /// The result of binding an owner to a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Binding {
+    /// Refused: that node has bound [`MAX_OWNERS_PER_FRIEND`] owners already.
+    TooMany,
     /// Newly bound, or already bound to this node.
     Bound,
     /// Bound to another node (its peer id bytes).
@@ -148,6 +153,18 @@ impl Store {
                 Some(rec) if rec.bound_peer != peer => Binding::Elsewhere(rec.bound_peer),
                 Some(_) => Binding::Bound,
                 None => {
+                    // A friend's node may prove many owner keys; bound owners cost a head and a
+                    // slot each, outside the quota, so their number is capped.
+                    let mut bound_here = 0;
+                    for item in t.iter()? {
+                        let (_, v) = item?;
+                        if HostedOwner::from_bytes(v.value()).is_ok_and(|o| o.bound_peer == peer) {
+                            bound_here += 1;
+                        }
+                    }
+                    if bound_here >= MAX_OWNERS_PER_FRIEND {
+                        return Ok(Binding::TooMany);
+                    }
                     let rec = HostedOwner {
                         bound_peer: peer.to_vec(),
                         used: 0,
@@ -356,6 +373,7 @@ impl Store {
     }
 
     /// Files an owner's key slot under its lookup id, replacing any older slot of that owner.
+    /// Returns false, and changes nothing, when the lookup id is filed for another owner.
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -364,10 +382,17 @@ impl Store {
         owner: &OwnerId,
         lookup: &LookupId,
         slot: &[u8],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(SLOTS)?;
+            // First owner wins: a lookup id filed for another owner is never overwritten (a
+            // friend that learned someone's lookup id must not be able to replace their slot).
+            if let Some(v) = t.get(lookup.as_bytes())?
+                && v.value().get(..32) != Some(owner.as_bytes().as_slice())
+            {
+                return Ok(false);
+            }
             let mut stale = Vec::new();
             for item in t.iter()? {
                 let (k, v) = item?;
@@ -385,7 +410,7 @@ impl Store {
             t.insert(lookup.as_bytes(), v.as_slice())?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     /// The key slot filed under a lookup id, with its owner.
@@ -563,7 +588,15 @@ mod tests {
 
     fn slots_replace_older_ones(store: &Store) -> TestResult {
         let owner = OwnerId([1; 32]);
-        store.put_slot(&owner, &LookupId([1; 32]), b"old")?;
+        assert!(store.put_slot(&owner, &LookupId([1; 32]), b"old")?);
+        assert!(
+            !store.put_slot(&OwnerId([9; 32]), &LookupId([1; 32]), b"evil")?,
+            "another owner cannot overwrite a slot"
+        );
+        assert_eq!(
+            store.get_slot(&LookupId([1; 32]))?,
+            Some((owner, b"old".to_vec()))
+        );
         store.put_slot(&owner, &LookupId([2; 32]), b"new")?;
         assert_eq!(store.get_slot(&LookupId([1; 32]))?, None);
         assert_eq!(
@@ -692,8 +725,9 @@ impl Store {
             });
             match (rec, stored_seq) {
                 (None, _) => TakeoverOutcome::Unknown,
-                (Some(_), Some(s)) if s > from_seq => TakeoverOutcome::Stale { stored: s },
+                // Already this node's: a statement sent again after later backups is fine.
                 (Some(rec), _) if rec.bound_peer == new_peer => TakeoverOutcome::Same,
+                (Some(_), Some(s)) if s > from_seq => TakeoverOutcome::Stale { stored: s },
                 (Some(mut rec), _) => {
                     let old = std::mem::replace(&mut rec.bound_peer, new_peer.to_vec());
                     owners.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
@@ -780,6 +814,12 @@ mod recovery_tests {
             TakeoverOutcome::Moved(vec![7])
         );
         assert_eq!(s.takeover(&owner, &[8], 4)?, TakeoverOutcome::Same);
+        s.put_head(&owner, 9, b"later")?;
+        assert_eq!(
+            s.takeover(&owner, &[8], 4)?,
+            TakeoverOutcome::Same,
+            "a statement sent again after later backups"
+        );
         assert_eq!(s.hosted_owner(&owner)?.map(|o| o.bound_peer), Some(vec![8]));
         assert!(
             s.friend(&[7])?.is_none(),
