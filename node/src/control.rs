@@ -310,7 +310,7 @@ async fn dispatch(
             blocking(move || {
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
                 let owner = repo.owner()?;
-                let (rebuilt, mut warnings) = crate::recover::rebuild(&repo, remote)?;
+                let (rebuilt, mut warnings, added) = crate::recover::rebuild(&repo, remote)?;
                 warnings.extend(rebuilt.failed);
                 Ok(Reply::Recovered(obnam_protocol::control::RecoverReply {
                     name: owner.name.clone(),
@@ -319,7 +319,7 @@ async fn dispatch(
                     snapshots: repo.store.snapshots()?.len() as u64,
                     packs: rebuilt.packs,
                     chunks: rebuilt.chunks,
-                    friends_added: Vec::new(),
+                    friends_added: added,
                     took_over: Vec::new(),
                     warnings,
                 }))

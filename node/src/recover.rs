@@ -534,7 +534,10 @@ pub async fn send_takeover(
 ///
 /// # Errors
 /// Network and database errors.
-pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), NodeError> {
+pub fn rebuild(
+    repo: &Repo,
+    remote: &Remote,
+) -> Result<(Rebuilt, Vec<String>, Vec<String>), NodeError> {
     let owner = repo.owner()?;
     let friends = friend_peers(repo, remote)?;
     if friends.is_empty() {
@@ -551,6 +554,7 @@ pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), N
         .map(|s| format!("stale friend: {s}"))
         .collect();
     warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
+    let mut added = Vec::new();
     // Adopt the friends' head only when it is newer than ours: a backup that reached no friend
     // yet must not be rolled back.
     let local_seq = match repo.store.own_head()? {
@@ -563,9 +567,9 @@ pub fn rebuild(repo: &Repo, remote: &Remote) -> Result<(Rebuilt, Vec<String>), N
         && head.seq > local_seq
     {
         let body = adopt_head(repo, &owner.keys, bytes, head)?;
-        learn_friends(repo, remote, &body)?;
+        added = learn_friends(repo, remote, &body)?;
     }
     let rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
     repo.index_ok();
-    Ok((rebuilt, warnings))
+    Ok((rebuilt, warnings, added))
 }
