@@ -44,6 +44,19 @@ pub struct HeadSurvey {
     pub unreachable: Vec<String>,
 }
 
+impl HeadSurvey {
+    /// Stale friends and forks, as sentences for the user.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w: Vec<String> = self
+            .stale
+            .iter()
+            .map(|s| format!("stale friend: {s}"))
+            .collect();
+        w.extend(self.forks.iter().map(|f| format!("fork: {f}")));
+        w
+    }
+}
+
 /// Asks every friend for the owner's head, verifies each, and takes the newest.
 pub async fn survey_heads(remote: &Remote, keys: &Keys, friends: &[PeerId]) -> HeadSurvey {
     let owner = keys.owner_id();
@@ -397,12 +410,7 @@ pub fn recover(
     tracing::info!(name, owner = %owner_id, "key slot found and opened");
 
     let survey = remote.handle.block_on(survey_heads(remote, keys, &friends));
-    let mut warnings: Vec<String> = survey
-        .stale
-        .iter()
-        .map(|s| format!("stale friend: {s}"))
-        .collect();
-    warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
+    let warnings = survey.warnings();
     let (head_seq, snapshots, mut friends_added) = match &survey.best {
         Some((bytes, head)) => {
             let body = adopt_head(repo, keys, bytes, head)?;
@@ -548,12 +556,7 @@ pub fn rebuild(
     let survey = remote
         .handle
         .block_on(survey_heads(remote, &owner.keys, &friends));
-    let mut warnings: Vec<String> = survey
-        .stale
-        .iter()
-        .map(|s| format!("stale friend: {s}"))
-        .collect();
-    warnings.extend(survey.forks.iter().map(|f| format!("fork: {f}")));
+    let warnings = survey.warnings();
     let mut added = Vec::new();
     // Adopt the friends' head only when it is newer than ours: a backup that reached no friend
     // yet must not be rolled back.

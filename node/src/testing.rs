@@ -113,6 +113,67 @@ async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[
     }
 }
 
+/// A connection to `target` (a multiaddr ending in `/p2p/<peer id>`) as the identity with this
+/// seed: its stream control, the target's peer id, and the task that drives the swarm.
+async fn connect(
+    seed: u8,
+    target: &str,
+) -> Result<(libp2p_stream::Control, PeerId, tokio::task::JoinHandle<()>), NodeError> {
+    let addr: Multiaddr = target
+        .parse()
+        .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
+    let peer = match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+        _ => {
+            return Err(NodeError::Usage(
+                "the address must end in /p2p/<peer id>".into(),
+            ));
+        }
+    };
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NodeError::Net(e.to_string()))?
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .map_err(|e| NodeError::Net(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let control = swarm.behaviour().new_control();
+    swarm
+        .dial(addr)
+        .map_err(|e| NodeError::Net(e.to_string()))?;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => return Ok(()),
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    return Err(NodeError::Net(error.to_string()));
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| NodeError::Net("timed out connecting".into()))??;
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    Ok((control, peer, driver))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, NodeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::io("runtime", e))
+}
+
 /// Connects to `target` (a multiaddr ending in `/p2p/<peer id>`) as the rogue with this seed and
 /// sends bad input. Returns `(case, answer)` pairs; the answer is an error code name when the
 /// node refused properly.
@@ -120,58 +181,9 @@ async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[
 /// # Errors
 /// When the node cannot be reached at all.
 pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, NodeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| NodeError::io("runtime", e))?;
-    rt.block_on(async {
-        let addr: Multiaddr = target
-            .parse()
-            .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
-        let peer = match addr.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
-            _ => {
-                return Err(NodeError::Usage(
-                    "the address must end in /p2p/<peer id>".into(),
-                ));
-            }
-        };
-        let local = key(seed)?.public().to_peer_id();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_behaviour(|_| libp2p_stream::Behaviour::new())
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        let mut control = swarm.behaviour().new_control();
-        swarm
-            .dial(addr)
-            .map_err(|e| NodeError::Net(e.to_string()))?;
-        let connected = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                match swarm.select_next_some().await {
-                    SwarmEvent::ConnectionEstablished { .. } => return Ok(()),
-                    SwarmEvent::OutgoingConnectionError { error, .. } => {
-                        return Err(NodeError::Net(error.to_string()));
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| NodeError::Net("timed out connecting".into()))?;
-        connected?;
-        let driver = tokio::spawn(async move {
-            loop {
-                swarm.select_next_some().await;
-            }
-        });
+    let local = key(seed)?.public().to_peer_id();
+    runtime()?.block_on(async {
+        let (mut control, peer, driver) = connect(seed, target).await?;
         let mut out = Vec::new();
         let mut oversized = (10u32 * 1024 * 1024).to_le_bytes().to_vec();
         oversized.extend_from_slice(&[0u8; 100]);
@@ -292,52 +304,8 @@ pub fn stranger_probe(
     lookups: &[obnam_protocol::LookupId],
     owner: OwnerId,
 ) -> Result<Vec<(String, String)>, NodeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| NodeError::io("runtime", e))?;
-    rt.block_on(async {
-        let addr: Multiaddr = target
-            .parse()
-            .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
-        let peer = match addr.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
-            _ => {
-                return Err(NodeError::Usage(
-                    "the address must end in /p2p/<peer id>".into(),
-                ));
-            }
-        };
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_behaviour(|_| libp2p_stream::Behaviour::new())
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        let mut control = swarm.behaviour().new_control();
-        swarm
-            .dial(addr)
-            .map_err(|e| NodeError::Net(e.to_string()))?;
-        tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
-                    return;
-                }
-            }
-        })
-        .await
-        .map_err(|_| NodeError::Net("timed out connecting".into()))?;
-        let driver = tokio::spawn(async move {
-            loop {
-                swarm.select_next_some().await;
-            }
-        });
+    runtime()?.block_on(async {
+        let (mut control, peer, driver) = connect(seed, target).await?;
         let mut out = Vec::new();
         for (i, lookup) in lookups.iter().enumerate() {
             let answer = match exchange_decoded(
