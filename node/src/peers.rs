@@ -146,6 +146,62 @@ pub async fn upload(
     }
 }
 
+/// Opens a pack stream and asks for `len` bytes of `pack` from `offset`, proving the owner key
+/// once if the friend asks. Returns the stream, positioned at the data, and the data's length.
+///
+/// # Errors
+/// [`NodeError::Net`] naming the friend and its refusal.
+async fn open_get(
+    net: &Net,
+    peer: PeerId,
+    keys: &Keys,
+    pack: PackId,
+    offset: u64,
+    len: u64,
+) -> Result<(libp2p::Stream, u64), NodeError> {
+    let owner = keys.owner_id();
+    for attempt in 0..2 {
+        let mut stream = net.open_stream(peer).await?;
+        let broken =
+            |e: String| NodeError::Net(format!("fetching pack {} from {peer}: {e}", pack.short()));
+        write_frame(
+            &mut stream,
+            &StreamRequest::Get {
+                owner,
+                pack,
+                offset,
+                len,
+            },
+        )
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+        let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
+            .await
+            .map_err(broken)?;
+        match reply {
+            Some(StreamReply::Data { len: got })
+                if got <= len && got <= obnam_protocol::pack::MAX_PACK_LEN =>
+            {
+                return Ok((stream, got));
+            }
+            Some(StreamReply::Data { len: got }) => {
+                return Err(broken(format!(
+                    "{got} bytes is more than asked for or than any pack"
+                )));
+            }
+            Some(StreamReply::Error(WireError {
+                code: ErrorCode::Unproven,
+                ..
+            })) if attempt == 0 => prove(net, peer, keys).await?,
+            Some(StreamReply::Error(e)) => return Err(wire_error(&peer, &e)),
+            other => return Err(broken(format!("unexpected answer {other:?}"))),
+        }
+    }
+    Err(NodeError::Net(format!(
+        "friend {peer} kept asking for an owner proof"
+    )))
+}
+
 /// Fetches a whole pack from a friend into `dest` (created), returning its BLAKE3 hash.
 /// Runs on the calling thread: call it from a blocking thread through `Handle::block_on`, so
 /// hashing stays off the async workers.
@@ -159,62 +215,25 @@ pub async fn fetch(
     pack: PackId,
     dest: &Path,
 ) -> Result<PackId, NodeError> {
-    let owner = keys.owner_id();
-    for attempt in 0..2 {
-        let mut stream = net.open_stream(peer).await?;
-        let broken =
-            |e: String| NodeError::Net(format!("fetching pack {} from {peer}: {e}", pack.short()));
-        write_frame(
-            &mut stream,
-            &StreamRequest::Get {
-                owner,
-                pack,
-                offset: 0,
-                len: u64::MAX,
-            },
-        )
-        .await
-        .map_err(|e| broken(e.to_string()))?;
-        let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
-            .await
-            .map_err(broken)?;
-        let len = match reply {
-            Some(StreamReply::Data { len }) => len,
-            Some(StreamReply::Error(WireError {
-                code: ErrorCode::Unproven,
-                ..
-            })) if attempt == 0 => {
-                prove(net, peer, keys).await?;
-                continue;
-            }
-            Some(StreamReply::Error(e)) => return Err(wire_error(&peer, &e)),
-            other => return Err(broken(format!("unexpected answer {other:?}"))),
-        };
-        if len > obnam_protocol::pack::MAX_PACK_LEN {
-            return Err(broken(format!("{len} bytes is more than any pack")));
-        }
-        let mut out = std::fs::File::create(dest)
-            .map_err(|e| NodeError::io(format!("creating {}", dest.display()), e))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut left = len;
-        let mut buf = vec![0u8; IO_CHUNK];
-        while left > 0 {
-            let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
-            stream
-                .read_exact(&mut buf[..n])
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            hasher.update(&buf[..n]);
-            std::io::Write::write_all(&mut out, &buf[..n])
-                .map_err(|e| NodeError::io(format!("writing {}", dest.display()), e))?;
-            left -= n as u64;
-        }
-        let _ = stream.close().await;
-        return Ok(PackId(*hasher.finalize().as_bytes()));
+    let (mut stream, len) = open_get(net, peer, keys, pack, 0, u64::MAX).await?;
+    let broken = |e: std::io::Error| {
+        NodeError::Net(format!("fetching pack {} from {peer}: {e}", pack.short()))
+    };
+    let mut out = std::fs::File::create(dest)
+        .map_err(|e| NodeError::io(format!("creating {}", dest.display()), e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut left = len;
+    let mut buf = vec![0u8; IO_CHUNK];
+    while left > 0 {
+        let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
+        stream.read_exact(&mut buf[..n]).await.map_err(broken)?;
+        hasher.update(&buf[..n]);
+        std::io::Write::write_all(&mut out, &buf[..n])
+            .map_err(|e| NodeError::io(format!("writing {}", dest.display()), e))?;
+        left -= n as u64;
     }
-    Err(NodeError::Net(format!(
-        "friend {peer} kept asking for an owner proof"
-    )))
+    let _ = stream.close().await;
+    Ok(PackId(*hasher.finalize().as_bytes()))
 }
 
 /// Fetches `len` bytes of a pack from `offset` (a multiple of 64 KiB) into memory. For small
@@ -230,55 +249,19 @@ pub async fn fetch_range(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>, NodeError> {
-    let owner = keys.owner_id();
-    for attempt in 0..2 {
-        let mut stream = net.open_stream(peer).await?;
-        let broken = |e: String| {
-            NodeError::Net(format!(
-                "fetching part of pack {} from {peer}: {e}",
-                pack.short()
-            ))
-        };
-        write_frame(
-            &mut stream,
-            &StreamRequest::Get {
-                owner,
-                pack,
-                offset,
-                len,
-            },
-        )
-        .await
-        .map_err(|e| broken(e.to_string()))?;
-        let reply: Option<StreamReply> = read_frame(&mut stream, MAX_STREAM_HEADER)
-            .await
-            .map_err(broken)?;
-        let got = match reply {
-            Some(StreamReply::Data { len }) => len,
-            Some(StreamReply::Error(WireError {
-                code: ErrorCode::Unproven,
-                ..
-            })) if attempt == 0 => {
-                prove(net, peer, keys).await?;
-                continue;
-            }
-            Some(StreamReply::Error(e)) => return Err(wire_error(&peer, &e)),
-            other => return Err(broken(format!("unexpected answer {other:?}"))),
-        };
-        if got > len
-            || got > obnam_protocol::pack::MAX_INDEX_LEN as u64 + obnam_protocol::pack::PACK_ALIGN
-        {
-            return Err(broken(format!("{got} bytes is more than asked for")));
-        }
-        let mut buf = vec![0u8; usize::try_from(got).unwrap_or(0)];
-        stream
-            .read_exact(&mut buf)
-            .await
-            .map_err(|e| broken(e.to_string()))?;
-        let _ = stream.close().await;
-        return Ok(buf);
+    if len > obnam_protocol::pack::MAX_INDEX_LEN as u64 + obnam_protocol::pack::PACK_ALIGN {
+        return Err(NodeError::Usage(format!(
+            "refusing to fetch {len} bytes of pack {pack} into memory"
+        )));
     }
-    Err(NodeError::Net(format!(
-        "friend {peer} kept asking for an owner proof"
-    )))
+    let (mut stream, got) = open_get(net, peer, keys, pack, offset, len).await?;
+    let mut buf = vec![0u8; usize::try_from(got).unwrap_or(0)];
+    stream.read_exact(&mut buf).await.map_err(|e| {
+        NodeError::Net(format!(
+            "fetching part of pack {} from {peer}: {e}",
+            pack.short()
+        ))
+    })?;
+    let _ = stream.close().await;
+    Ok(buf)
 }
