@@ -371,3 +371,46 @@ fn every_friend_gets_the_key_slot() -> TestResult {
     )?;
     Ok(())
 }
+
+#[test]
+fn replicas_prefer_other_households_and_too_few_friends_is_under_replicated() -> TestResult {
+    let dir = crate::util::tempdir("obnam-friends-")?;
+    let a = node(dir.path(), "a", "replicas = 2\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    let d = node(dir.path(), "d", "")?;
+    // B and C share a household; D lives elsewhere. B and C were added first.
+    a.add_peer(&b, &["--household", "flat-1"])?;
+    a.add_peer(&c, &["--household", "flat-1"])?;
+    a.add_peer(&d, &["--household", "house-2"])?;
+    for n in [&b, &c, &d] {
+        n.add_peer(&a, &[])?;
+    }
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    tree(&src, "m8");
+    let report = a.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 2, "{report}");
+    assert!(
+        b.status()?["hosted_bytes"].as_u64().unwrap() > 0,
+        "one of flat-1"
+    );
+    assert_eq!(
+        c.status()?["hosted_bytes"],
+        0,
+        "not a second copy in flat-1"
+    );
+    assert!(d.status()?["hosted_bytes"].as_u64().unwrap() > 0, "house-2");
+    assert_eq!(a.status()?["under_replicated"], false);
+
+    // With fewer friends than replicas, every friend gets a copy and status says so.
+    let e = node(dir.path(), "e", "replicas = 3\n")?;
+    befriend_all(&[&e, &b])?;
+    e.init("erin")?;
+    let report = e.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 1, "{report}");
+    let status = e.status()?;
+    assert_eq!(status["under_replicated"], true, "{status}");
+    assert_eq!(status["replicated_to"], 1, "{status}");
+    Ok(())
+}
