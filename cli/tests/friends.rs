@@ -178,9 +178,9 @@ fn an_unchanged_backup_sends_no_new_packs() -> TestResult {
     tree(&src, "m4");
     let first = a.backup(&[&src], &[], 0)?;
     assert!(first["sent_bytes"].as_u64().unwrap() > 0);
-    let hosted = b.status()?["hosted_bytes"].as_u64().unwrap();
     let quiet = crate::util::quiet_tmp();
     let _ = a.backup(&[&src], &[], 0)?; // records /tmp as it is now
+    let hosted = b.status()?["hosted_bytes"].as_u64().unwrap();
     let second = a.backup(&[&src], &[], 0)?;
     drop(quiet);
     assert_eq!(second["sent_bytes"], 0, "{second}");

@@ -75,3 +75,8 @@ pub fn tempdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
 pub fn quiet_tmp() -> std::sync::RwLockWriteGuard<'static, ()> {
     TMP_LOCK.write().unwrap_or_else(|e| e.into_inner())
 }
+
+/// For a test that creates entries directly in the temp directory for its whole run.
+pub fn touching_tmp() -> std::sync::RwLockReadGuard<'static, ()> {
+    TMP_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}

@@ -210,7 +210,17 @@ pub fn rebuild_index(
                 // libp2p-stream drops a stream when the friend's accept queue is momentarily
                 // full: retry before moving on.
                 for attempt in 0..crate::repo::FETCH_ATTEMPTS {
-                    last = remote_index(remote, peer, keys, id, len).await;
+                    last = match tokio::time::timeout(
+                        std::time::Duration::from_secs(repo.config.request_timeout_secs.max(1)),
+                        remote_index(remote, peer, keys, id, len),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(NodeError::Net(format!(
+                            "reading the index of pack {id} from {peer} timed out"
+                        ))),
+                    };
                     match &last {
                         Ok(_) => break 'holders,
                         Err(NodeError::Net(m)) if !m.contains("refused") => {

@@ -86,9 +86,12 @@ impl Replicator {
     /// stall a round.
     async fn timed<T>(
         &self,
+        bytes: u64,
         f: impl std::future::Future<Output = Result<T, NodeError>>,
     ) -> Result<T, NodeError> {
-        let limit = Duration::from_secs(self.repo.config.request_timeout_secs.max(1));
+        // The request timeout, plus time for the bytes at a slow 32 KiB/s uplink.
+        let limit =
+            Duration::from_secs(self.repo.config.request_timeout_secs.max(1) + bytes / (32 * 1024));
         tokio::time::timeout(limit, f)
             .await
             .map_err(|_| NodeError::Net(format!("a transfer took longer than {limit:?}")))?
@@ -398,25 +401,19 @@ impl Replicator {
                 None => stream.insert(self.net.open_stream(peer).await?),
             };
             let mut result = self
-                .timed(peers::upload(
-                    s,
-                    peer,
-                    owner_id,
-                    id,
-                    &self.repo.outbox.path(&id),
-                ))
+                .timed(
+                    rec.len,
+                    peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
+                )
                 .await;
             if result.is_err() {
                 // The stream broke (or the friend's accept queue dropped it): one fresh try.
                 let s = stream.insert(self.net.open_stream(peer).await?);
                 result = self
-                    .timed(peers::upload(
-                        s,
-                        peer,
-                        owner_id,
-                        id,
-                        &self.repo.outbox.path(&id),
-                    ))
+                    .timed(
+                        rec.len,
+                        peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
+                    )
                     .await;
             }
             let mut result = result?;
@@ -426,13 +423,10 @@ impl Replicator {
                 peers::prove(&self.net, peer, keys).await?;
                 let s = stream.insert(self.net.open_stream(peer).await?);
                 result = self
-                    .timed(peers::upload(
-                        s,
-                        peer,
-                        owner_id,
-                        id,
-                        &self.repo.outbox.path(&id),
-                    ))
+                    .timed(
+                        rec.len,
+                        peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
+                    )
                     .await?;
             }
             match result {
