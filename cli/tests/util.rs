@@ -13,7 +13,7 @@ pub fn bins() -> Bins {
 }
 
 pub struct Fixture {
-    pub dir: tempfile::TempDir,
+    pub dir: Tmp,
     pub node: Node,
 }
 
@@ -65,10 +65,31 @@ pub fn is_root() -> bool {
 /// that an unchanged backup stores nothing hold it exclusively across their backups.
 static TMP_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
+/// A temporary directory, created and removed under the shared lock (both change `/tmp`).
+pub struct Tmp(Option<tempfile::TempDir>);
+
+impl Tmp {
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _shared = TMP_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        drop(self.0.take());
+    }
+}
+
 /// A temporary directory, created under the shared lock.
-pub fn tempdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+pub fn tempdir(prefix: &str) -> anyhow::Result<Tmp> {
     let _shared = TMP_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
+    Ok(Tmp(Some(
+        tempfile::Builder::new().prefix(prefix).tempdir()?,
+    )))
 }
 
 /// Keeps other tests from creating temporary directories while held.

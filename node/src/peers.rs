@@ -15,6 +15,38 @@ use obnam_protocol::{OwnerId, PackId};
 use std::path::Path;
 use tokio::io::AsyncReadExt as _;
 
+/// Runs a transfer with a time limit per attempt, and tries again (up to `attempts` times, with
+/// a short backoff) when it failed for a transient network reason: libp2p-stream drops a stream
+/// when the friend's accept queue is momentarily full. Refusals are not retried.
+///
+/// # Errors
+/// The last attempt's error; a timed-out attempt is a [`NodeError::Net`] naming `what`.
+pub async fn with_retries<T, Fut>(
+    attempts: usize,
+    limit: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, NodeError>
+where
+    Fut: std::future::Future<Output = Result<T, NodeError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match tokio::time::timeout(limit, f()).await {
+            Ok(r) => r,
+            Err(_) => Err(NodeError::Net(format!("{what} took longer than {limit:?}"))),
+        };
+        match result {
+            Err(NodeError::Net(m)) if attempt < attempts.max(1) && !m.contains("refused") => {
+                tracing::debug!(attempt, error = %m, "{what}: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Proves the owner key to `peer` (nonce, then a signature bound to both peer ids).
 ///
 /// # Errors

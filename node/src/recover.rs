@@ -206,31 +206,15 @@ pub fn rebuild_index(
     let results: Vec<IndexFetch> = remote.handle.block_on(
         futures::stream::iter(work.into_iter().map(|(id, (len, holders))| async move {
             let mut last = Err(NodeError::Net(format!("no friend holds pack {id}")));
-            'holders: for &peer in &holders {
-                // libp2p-stream drops a stream when the friend's accept queue is momentarily
-                // full: retry before moving on.
-                for attempt in 0..crate::repo::FETCH_ATTEMPTS {
-                    last = match tokio::time::timeout(
-                        std::time::Duration::from_secs(repo.config.request_timeout_secs.max(1)),
-                        remote_index(remote, peer, keys, id, len),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(NodeError::Net(format!(
-                            "reading the index of pack {id} from {peer} timed out"
-                        ))),
-                    };
-                    match &last {
-                        Ok(_) => break 'holders,
-                        Err(NodeError::Net(m)) if !m.contains("refused") => {
-                            tokio::time::sleep(std::time::Duration::from_millis(
-                                100 * (attempt as u64 + 1),
-                            ))
-                            .await;
-                        }
-                        Err(_) => break,
-                    }
+            for &peer in &holders {
+                let limit = std::time::Duration::from_secs(repo.config.request_timeout_secs.max(1));
+                let what = format!("reading the index of pack {} from {peer}", id.short());
+                last = peers::with_retries(crate::repo::FETCH_ATTEMPTS, limit, &what, || {
+                    remote_index(remote, peer, keys, id, len)
+                })
+                .await;
+                if last.is_ok() {
+                    break;
                 }
             }
             (id, len, holders, last)

@@ -185,17 +185,15 @@ impl Replicator {
     pub fn health(&self, seq: u64) -> Result<Health, NodeError> {
         let friends = self.repo.store.friends()?;
         let set = self.replica_set(&friends)?;
-        let packs = self.repo.store.packs()?;
+        // One scan of the placements, not one lookup per pack and friend.
+        let packs = self.repo.store.packs()?.len() as u64;
+        let counts = self.repo.store.holder_counts()?;
         let mut holders = 0;
         let mut waiting = Vec::new();
         for f in &friends {
             let state = self.repo.store.peer_state(&f.peer_id)?;
-            let mut missing = 0usize;
-            for (id, _) in &packs {
-                if !self.repo.store.holders(id)?.contains(&f.peer_id) {
-                    missing += 1;
-                }
-            }
+            let held = counts.get(&f.peer_id).copied().unwrap_or(0);
+            let missing = packs.saturating_sub(held);
             let complete = missing == 0 && state.head_seq >= seq;
             if complete {
                 holders += 1;

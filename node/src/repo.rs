@@ -469,23 +469,11 @@ impl Repo {
                 self.config.request_timeout_secs.max(1)
                     + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
             );
-            let timed = |f| async move {
-                tokio::time::timeout(limit, f)
-                    .await
-                    .map_err(|_| NodeError::Net(format!("fetch took longer than {limit:?}")))?
-            };
-            let mut result = timed(crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)).await;
-            for attempt in 1..FETCH_ATTEMPTS {
-                match &result {
-                    Err(NodeError::Net(m)) if !m.contains("refused") => {
-                        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64))
-                            .await;
-                        result =
-                            timed(crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)).await;
-                    }
-                    _ => break,
-                }
-            }
+            let what = format!("fetching pack {} from {peer}", pack.short());
+            let result = crate::peers::with_retries(FETCH_ATTEMPTS, limit, &what, || {
+                crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)
+            })
+            .await;
             match result {
                 Ok(got) if got == pack => {
                     std::fs::rename(&tmp, self.cache_path(&pack))

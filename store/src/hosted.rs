@@ -16,7 +16,10 @@
 use crate::{Store, StoreError};
 use obnam_protocol::local::{Friend, HostedOwner, PeerState};
 use obnam_protocol::{LookupId, OwnerId, PackId};
-use redb::{MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    TableDefinition,
+};
 
 pub(crate) const FRIENDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("friends-0");
 pub(crate) const OWNERS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("owners-0");
@@ -29,6 +32,14 @@ pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::ne
 
 fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) -> StoreError {
     move |source| StoreError::Corrupt { what, source }
+}
+
+/// A stored head: its sequence number (u64 little-endian) and the signed head after it.
+fn split_head(b: &[u8]) -> (u64, &[u8]) {
+    let mut s = [0u8; 8];
+    let n = b.len().min(8);
+    s[..n].copy_from_slice(&b[..n]);
+    (u64::from_le_bytes(s), b.get(8..).unwrap_or_default())
 }
 
 fn hosted_key(owner: &OwnerId, pack: &PackId) -> [u8; 64] {
@@ -330,13 +341,8 @@ impl Store {
         let outcome = {
             let mut t = tx.open_table(HEADS)?;
             let stored = t.get(owner.as_bytes())?.map(|v| {
-                let b = v.value();
-                let mut s = [0u8; 8];
-                s.copy_from_slice(&b[..8.min(b.len())]);
-                (
-                    u64::from_le_bytes(s),
-                    b.get(8..).unwrap_or_default().to_vec(),
-                )
+                let (seq, head) = split_head(v.value());
+                (seq, head.to_vec())
             });
             match stored {
                 Some((s, bytes)) if s > seq || (s == seq && bytes != head) => {
@@ -362,13 +368,8 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(HEADS)?;
         Ok(t.get(owner.as_bytes())?.map(|v| {
-            let b = v.value();
-            let mut s = [0u8; 8];
-            s.copy_from_slice(&b[..8.min(b.len())]);
-            (
-                u64::from_le_bytes(s),
-                b.get(8..).unwrap_or_default().to_vec(),
-            )
+            let (seq, head) = split_head(v.value());
+            (seq, head.to_vec())
         }))
     }
 
@@ -451,6 +452,24 @@ impl Store {
             out.push(v?.value().to_vec());
         }
         Ok(out)
+    }
+
+    /// For each friend (peer id bytes), how many of our packs it is known to hold: one scan of
+    /// the placement table.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn holder_counts(&self) -> Result<std::collections::HashMap<Vec<u8>, u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_multimap_table(PLACEMENT)?;
+        let mut counts = std::collections::HashMap::new();
+        for item in t.iter()? {
+            let (_, holders) = item?;
+            for h in holders {
+                *counts.entry(h?.value().to_vec()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// Marks one of our packs as no longer in the outbox (its file is about to be removed).
@@ -625,6 +644,9 @@ mod tests {
         s.add_placement(&PackId([5; 32]), &[2])?;
         s.add_placement(&PackId([5; 32]), &[1])?;
         assert_eq!(s.holders(&PackId([5; 32]))?, vec![vec![1], vec![2]]);
+        s.add_placement(&PackId([6; 32]), &[1])?;
+        let counts = s.holder_counts()?;
+        assert_eq!((counts[&vec![1u8]], counts[&vec![2u8]]), (2, 1));
         s.update_peer_state(&[1], |p| p.head_seq = 4)?;
         assert_eq!(s.peer_state(&[1])?.head_seq, 4);
         assert!(s.remove_friend(&[7])?);
@@ -717,12 +739,10 @@ impl Store {
                 ),
                 None => None,
             };
-            let stored_seq = tx.open_table(HEADS)?.get(owner.as_bytes())?.map(|v| {
-                let b = v.value();
-                let mut s = [0u8; 8];
-                s.copy_from_slice(&b[..8.min(b.len())]);
-                u64::from_le_bytes(s)
-            });
+            let stored_seq = tx
+                .open_table(HEADS)?
+                .get(owner.as_bytes())?
+                .map(|v| split_head(v.value()).0);
             match (rec, stored_seq) {
                 (None, _) => TakeoverOutcome::Unknown,
                 // Already this node's: a statement sent again after later backups is fine.
