@@ -180,6 +180,9 @@ pub struct BackupArgs {
     /// Do not cross into other file systems.
     #[arg(short = 'x', long)]
     pub one_file_system: bool,
+    /// Read every file, even those the file cache shows unchanged since the last backup.
+    #[arg(long)]
+    pub force: bool,
     /// Tag the snapshot (repeatable).
     #[arg(long, value_name = "TAG")]
     pub tag: Vec<String>,

@@ -212,6 +212,7 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
         one_file_system: a.one_file_system,
         tags: a.tag,
         timeout_secs: a.timeout.map(|d| d.as_secs().max(1)).unwrap_or(0),
+        force: a.force,
     });
     let Reply::Backup(r) = call(g, req, "backing up")? else {
         return Err(Failure::new("control", "unexpected reply".into()));
@@ -223,6 +224,7 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
             "failed_files": r.failed_files,
             "bytes": r.bytes,
             "new_bytes": r.new_bytes,
+            "cached_files": r.cached_files,
             "stored_bytes": r.stored_bytes,
             "replicas": r.replicas,
             "sent_bytes": r.sent_bytes,
@@ -231,9 +233,10 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
         }));
     } else if !g.quiet {
         println!(
-            "snapshot {} saved: {} files, {} ({} new, {} stored)",
+            "snapshot {} saved: {} files ({} unchanged, not read), {} ({} new, {} stored)",
             r.snapshot.short(),
             r.files,
+            r.cached_files,
             bytes(r.bytes),
             bytes(r.new_bytes),
             bytes(r.stored_bytes)
@@ -620,7 +623,7 @@ fn recovered(g: &Global, req: Request, what: &str) -> Result<u8, Failure> {
             if g.json {
                 print_json(&json!({
                     "name": r.name, "owner": r.owner.to_hex(), "head_seq": r.head_seq, "snapshots": r.snapshots,
-                    "packs": r.packs, "chunks": r.chunks, "friends_added": r.friends_added,
+                    "packs": r.packs, "chunks": r.chunks, "seeded_dirs": r.seeded_dirs, "friends_added": r.friends_added,
                     "took_over": r.took_over, "warnings": r.warnings,
                 }));
             } else {
@@ -629,6 +632,12 @@ fn recovered(g: &Global, req: Request, what: &str) -> Result<u8, Failure> {
                     "{} snapshots (head {}), {} packs and {} chunks indexed",
                     r.snapshots, r.head_seq, r.packs, r.chunks
                 );
+                if r.seeded_dirs > 0 {
+                    println!(
+                        "file cache seeded for {} directories from the newest snapshot",
+                        r.seeded_dirs
+                    );
+                }
                 for f in &r.friends_added {
                     println!("friend learned from the head: {f}");
                 }

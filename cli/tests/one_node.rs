@@ -594,3 +594,44 @@ fn the_nodes_own_data_directory_is_never_backed_up() -> TestResult {
     assert!(paths.iter().any(|p| p.ends_with("mine/notes.txt")));
     Ok(())
 }
+
+#[test]
+fn the_file_cache_skips_unchanged_files_and_sees_every_change() -> TestResult {
+    let f = Fixture::ready()?;
+    let src = f.path("src");
+    write(&src.join("a.txt"), b"alpha");
+    write(&src.join("b.bin"), &noise(300_000, 5));
+    write(&src.join("sub/c.txt"), b"gamma");
+    // Files changed within the cache's margin before a backup are always read again.
+    std::thread::sleep(Duration::from_millis(2100));
+    let first = f.node.backup(&[&src], &[], 0)?;
+    assert_eq!(first["cached_files"], 0, "{first}");
+    let second = f.node.backup(&[&src], &[], 0)?;
+    assert_eq!(second["cached_files"], 3, "{second}");
+    assert_eq!(second["new_bytes"], 0, "{second}");
+    // Same size, same mtime, different content: only the ctime shows the change.
+    let b = src.join("b.bin");
+    let before = std::fs::symlink_metadata(&b)?;
+    let mut changed = noise(300_000, 5);
+    changed[1000] ^= 0xff;
+    std::fs::write(&b, &changed)?;
+    set_mtime(&b, (before.mtime(), before.mtime_nsec() as u32));
+    assert_eq!(std::fs::metadata(&b)?.mtime_nsec(), before.mtime_nsec());
+    assert_eq!(std::fs::metadata(&b)?.len(), before.len());
+    std::fs::remove_dir_all(src.join("sub"))?;
+    let third = f.node.backup(&[&src], &[], 0)?;
+    assert_eq!(third["cached_files"], 1, "only a.txt is unchanged: {third}");
+    assert!(third["new_bytes"].as_u64().unwrap() > 0, "{third}");
+    let target = f.path("restore");
+    f.node.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    assert_eq!(std::fs::read(restored(&target, &b))?, changed);
+    assert!(!restored(&target, &src).join("sub").exists());
+    // --force reads everything.
+    let forced = f.node.backup(&[&src], &["--force"], 0)?;
+    assert_eq!(forced["cached_files"], 0, "{forced}");
+    assert_eq!(forced["files"], 2, "{forced}");
+    Ok(())
+}

@@ -119,6 +119,8 @@ fn a_lost_index_is_detected_and_rebuilt_from_friends() -> TestResult {
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("f"), crate::util::noise(3 << 20, 4))?;
+    // Older than the file cache's margin, so the seed below may trust it.
+    std::thread::sleep(Duration::from_millis(2100));
     a.backup(&[&src], &[], 0)?;
     a.stop();
     std::fs::remove_file(a.data_dir.join("index.redb"))?;
@@ -143,7 +145,13 @@ fn a_lost_index_is_detected_and_rebuilt_from_friends() -> TestResult {
     a.add_peer(&b, &[])?;
     let rebuilt = a.json(&["index", "rebuild"], 0)?;
     assert!(rebuilt["packs"].as_u64().unwrap() >= 1, "{rebuilt}");
+    assert!(rebuilt["seeded_dirs"].as_u64().unwrap() >= 1, "{rebuilt}");
     assert_eq!(a.json(&["snapshots"], 0)?.as_array().unwrap().len(), 1);
+    // The file cache was seeded from the snapshot: the unchanged file is not read again.
+    let again = a.backup(&[&src], &[], 0)?;
+    assert_eq!(again["cached_files"], 1, "{again}");
+    // (Only directory trees may be new: /tmp changes as other tests run.)
+    assert!(again["new_bytes"].as_u64().unwrap() < 4096, "{again}");
     let target = dir.path().join("restore");
     a.json(
         &["restore", "latest", "--target", target.to_str().unwrap()],

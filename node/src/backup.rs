@@ -18,6 +18,10 @@
 //! adopted at start, see [`Repo::adopt_orphans`](crate::repo::Repo::adopt_orphans)).
 //!
 //! A file that cannot be read is reported through [`Events`] and skipped; the backup goes on.
+//!
+//! The file cache: each walked directory's [`DirCache`] record (in redb) says what the last
+//! backup saw of its files. A file that [`DirCache::lookup`] finds unchanged, and whose chunks
+//! are all still indexed, is not opened; its chunk list is reused.
 
 use crate::chunker;
 use crate::error::NodeError;
@@ -27,7 +31,7 @@ use crate::pack::{FinishedPack, PackBuilder};
 use crate::repo::{Repo, now_ns};
 use crate::seal::seal_chunk;
 use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
-use obnam_protocol::local::{ChunkLoc, PackRecord};
+use obnam_protocol::local::{CachedFile, ChunkLoc, DirCache, FileStat, PackRecord, dir_cache_key};
 use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
 use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
 use obnam_protocol::tree::{Entry, EntryKind, Tree};
@@ -191,6 +195,11 @@ pub fn backup(
             jobs: Some(job_tx),
             shared: &shared,
             one_file_system: req.one_file_system,
+            force: req.force,
+            cache_puts: Vec::new(),
+            cache_drops: Vec::new(),
+            cache_buffered: 0,
+            cached_files: 0,
             hardlinks: HashMap::new(),
             next_group: 0,
             files: 0,
@@ -200,7 +209,9 @@ pub fn backup(
             problems: Vec::new(),
             last_progress: Instant::now(),
         };
-        let walked = walker.run(&roots).map(|root| {
+        let walked = walker.run(&roots);
+        walker.flush_cache();
+        let walked = walked.map(|root| {
             let record = SnapshotRecord {
                 time_ns: started,
                 host: nix::unistd::gethostname()
@@ -245,6 +256,7 @@ pub fn backup(
             failed_files: record.failed_files,
             bytes: record.bytes,
             new_bytes: walker.new_bytes,
+            cached_files: walker.cached_files,
             stored_bytes,
             replicas: 0,
             problems: std::mem::take(&mut walker.problems),
@@ -366,6 +378,20 @@ fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u6
     result
 }
 
+/// A directory's file-cache record as found, and as this backup rebuilds it.
+struct DirCacheUpdate {
+    old: Option<DirCache>,
+    new: DirCache,
+}
+
+/// The file-cache key of an absolute path.
+pub(crate) fn cache_key(path: &Path) -> Vec<u8> {
+    dir_cache_key(path.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.as_bytes()),
+        _ => None,
+    }))
+}
+
 /// A directory on the way down to the backup roots.
 #[derive(Default)]
 struct Trie {
@@ -387,6 +413,11 @@ struct Walker<'a> {
     jobs: Option<SyncSender<Job>>,
     shared: &'a Shared,
     one_file_system: bool,
+    force: bool,
+    cache_puts: Vec<(Vec<u8>, DirCache)>,
+    cache_drops: Vec<Vec<u8>>,
+    cache_buffered: usize,
+    cached_files: u64,
     hardlinks: HashMap<(u64, u64), (u64, Vec<ChunkId>)>,
     next_group: u64,
     files: u64,
@@ -439,7 +470,11 @@ impl Walker<'_> {
                 if self.excluder.excludes(&child_path) {
                     continue;
                 }
-                if let Some(e) = self.entry_for(&child_path, name.clone(), &meta, meta.dev())? {
+                // Roots below an unwalked directory are not cached: that directory's record
+                // would list only the roots of this backup.
+                if let Some(e) =
+                    self.entry_for(&child_path, name.clone(), &meta, meta.dev(), None)?
+                {
                     tree.entries.push(e);
                 }
             } else {
@@ -475,6 +510,19 @@ impl Walker<'_> {
             }
         };
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let key = cache_key(dir);
+        let old = if self.force {
+            None
+        } else {
+            self.repo.store.dir_cache(&key)?
+        };
+        let mut cache = DirCacheUpdate {
+            old,
+            new: DirCache {
+                stat_ns: now_ns(),
+                ..DirCache::default()
+            },
+        };
         let mut tree = Tree::default();
         for name in names {
             if self.shared.abort.load(Ordering::Relaxed) {
@@ -491,11 +539,85 @@ impl Walker<'_> {
                     continue;
                 }
             };
-            if let Some(e) = self.entry_for(&path, name.as_bytes().to_vec(), &meta, root_dev)? {
+            if let Some(e) = self.entry_for(
+                &path,
+                name.as_bytes().to_vec(),
+                &meta,
+                root_dev,
+                Some(&mut cache),
+            )? {
                 tree.entries.push(e);
             }
         }
+        self.save_cache(key, cache);
         self.ingest_blob(&tree.to_bytes()).map(Some)
+    }
+
+    /// Queues a directory's new file-cache record if it changed, and the removal of the
+    /// records of subdirectories that are gone.
+    fn save_cache(&mut self, key: Vec<u8>, update: DirCacheUpdate) {
+        let DirCacheUpdate { old, new } = update;
+        if let Some(old) = &old {
+            if !old.seeded && old.files == new.files && old.dirs == new.dirs {
+                return;
+            }
+            for gone in old
+                .dirs
+                .iter()
+                .filter(|d| new.dirs.binary_search(d).is_err())
+            {
+                let mut k = key.clone();
+                k.push(0);
+                k.extend_from_slice(gone);
+                self.cache_drops.push(k);
+            }
+        }
+        self.cache_buffered += new.files.len() + 1;
+        self.cache_puts.push((key, new));
+        if self.cache_buffered >= 65_536 {
+            self.flush_cache();
+        }
+    }
+
+    /// Writes the queued file-cache changes. The cache only saves work, so a failure is logged,
+    /// not fatal.
+    fn flush_cache(&mut self) {
+        if self.cache_puts.is_empty() && self.cache_drops.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .repo
+            .store
+            .write_dir_caches(&self.cache_puts, &self.cache_drops)
+        {
+            tracing::warn!(error = %e, "could not update the file cache");
+        }
+        self.cache_puts.clear();
+        self.cache_drops.clear();
+        self.cache_buffered = 0;
+    }
+
+    /// The cached chunks of a file, if the cache shows it unchanged and every chunk is still
+    /// in the index (a record written by a backup that then failed may name chunks that never
+    /// were committed).
+    fn cached(
+        &self,
+        cache: Option<&DirCacheUpdate>,
+        name: &[u8],
+        stat: &FileStat,
+    ) -> Result<Option<Vec<ChunkId>>, NodeError> {
+        let Some(chunks) = cache
+            .and_then(|c| c.old.as_ref())
+            .and_then(|old| old.lookup(name, stat))
+        else {
+            return Ok(None);
+        };
+        for c in chunks {
+            if !self.known(c)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(chunks.to_vec()))
     }
 
     fn entry_for(
@@ -504,6 +626,7 @@ impl Walker<'_> {
         name: Vec<u8>,
         meta: &Metadata,
         root_dev: u64,
+        mut cache: Option<&mut DirCacheUpdate>,
     ) -> Result<Option<Entry>, NodeError> {
         let ft = meta.file_type();
         let kind = if ft.is_dir() {
@@ -535,6 +658,9 @@ impl Walker<'_> {
                         Some(c) => e.content = c,
                         None => return Ok(None),
                     }
+                    if let Some(c) = cache.as_deref_mut() {
+                        c.new.dirs.push(serde_bytes::ByteBuf::from(e.name.clone()));
+                    }
                 }
                 self.dirs += 1;
             }
@@ -548,38 +674,38 @@ impl Walker<'_> {
                     self.files += 1;
                     return Ok(Some(e));
                 }
-                // O_NOFOLLOW and O_NONBLOCK: if the file was swapped for a symlink or a FIFO
-                // since we looked, opening fails or does not block; then check it is still a file.
-                use std::os::unix::fs::OpenOptionsExt;
-                let opened = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-                    .open(path)
-                    .and_then(|f| {
-                        if f.metadata()?.is_file() {
-                            Ok(f)
-                        } else {
-                            Err(std::io::Error::other("it changed into something other than a regular file during the backup"))
-                        }
-                    });
-                let file = match opened {
-                    Ok(f) => f,
-                    Err(err) => {
-                        self.problem(path, err);
-                        return Ok(None);
-                    }
+                let stat = FileStat {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    size: meta.len(),
+                    mtime_ns: e.mtime_ns,
+                    ctime_ns: meta
+                        .ctime()
+                        .saturating_mul(1_000_000_000)
+                        .saturating_add(meta.ctime_nsec()),
                 };
-                self.progress(path);
-                match self.ingest(file) {
-                    Ok((content, size)) => {
-                        e.content = content;
-                        e.size = size;
-                    }
-                    Err(IngestError::Read(err)) => {
-                        self.problem(path, err);
+                if let Some(chunks) = self.cached(cache.as_deref(), &e.name, &stat)? {
+                    e.content = chunks;
+                    e.size = stat.size;
+                    self.cached_files += 1;
+                } else {
+                    self.progress(path);
+                    if !self.read_file(path, &mut e)? {
                         return Ok(None);
                     }
-                    Err(IngestError::Abort(err)) => return Err(err),
+                }
+                if let Some(c) = cache
+                    && e.size == stat.size
+                {
+                    c.new.files.push(CachedFile {
+                        name: e.name.clone(),
+                        dev: stat.dev,
+                        ino: stat.ino,
+                        size: stat.size,
+                        mtime_ns: stat.mtime_ns,
+                        ctime_ns: stat.ctime_ns,
+                        chunks: e.content.clone(),
+                    });
                 }
                 self.files += 1;
                 self.bytes += e.size;
@@ -601,6 +727,45 @@ impl Walker<'_> {
             EntryKind::Fifo | EntryKind::Socket => {}
         }
         Ok(Some(e))
+    }
+
+    /// Reads and chunks a regular file into `e`. `false` when it could not be read (reported).
+    fn read_file(&mut self, path: &Path, e: &mut Entry) -> Result<bool, NodeError> {
+        // O_NOFOLLOW and O_NONBLOCK: if the file was swapped for a symlink or a FIFO since we
+        // looked, opening fails or does not block; then check it is still a file.
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other(
+                        "it changed into something other than a regular file during the backup",
+                    ))
+                }
+            });
+        let file = match opened {
+            Ok(f) => f,
+            Err(err) => {
+                self.problem(path, err);
+                return Ok(false);
+            }
+        };
+        match self.ingest(file) {
+            Ok((content, size)) => {
+                e.content = content;
+                e.size = size;
+                Ok(true)
+            }
+            Err(IngestError::Read(err)) => {
+                self.problem(path, err);
+                Ok(false)
+            }
+            Err(IngestError::Abort(err)) => Err(err),
+        }
     }
 
     fn progress(&mut self, path: &Path) {

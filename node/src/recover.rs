@@ -30,6 +30,7 @@ use obnam_protocol::pack::{PACK_ALIGN, PackIndex, PackTrailer, TRAILER_LEN};
 use obnam_protocol::signed::CONTEXT_TAKEOVER;
 use obnam_protocol::snapshot::{Head, HeadBody, SignedHead};
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 
 /// What the friends' heads say.
 #[derive(Debug, Default)]
@@ -154,6 +155,75 @@ pub struct Rebuilt {
     pub chunks: u64,
     /// Packs whose index could not be read from any friend.
     pub failed: Vec<String>,
+    /// Directories whose file-cache record was seeded from the newest snapshot.
+    pub seeded_dirs: u64,
+}
+
+/// Replaces the file cache with a seed from the newest snapshot, so that files still on disk
+/// and unchanged (same size and mtime, and a ctime older than the seed) are not read again by
+/// the next backup. Returns how many directories were seeded.
+///
+/// Device, inode and ctime are not in snapshots, so a seeded record cannot see a change that
+/// kept a file's size and mtime *before* the seed; a normal record, written by every backup,
+/// can. Recovery onto a new machine does not seed: restored files have new ctimes and would
+/// never match, and the seed would fetch every pack holding a tree.
+///
+/// # Errors
+/// Database errors. A tree that cannot be read is skipped (its files are read again).
+pub fn seed_file_cache(repo: &Repo, keys: &Keys) -> Result<u64, NodeError> {
+    use obnam_protocol::local::{CachedFile, DirCache};
+    use obnam_protocol::tree::EntryKind;
+    repo.store.clear_file_cache()?;
+    let Some((_, record)) = repo.store.snapshots()?.into_iter().last() else {
+        return Ok(0);
+    };
+    let repo = repo.with_private_cache();
+    let stat_ns = now_ns();
+    let mut seeded = 0u64;
+    let mut puts = Vec::new();
+    let mut stack = vec![(std::path::PathBuf::from("/"), record.root.clone())];
+    while let Some((path, content)) = stack.pop() {
+        let tree = match repo.read_tree(keys, &content) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e.full_message(), "not seeding the file cache below this directory");
+                continue;
+            }
+        };
+        let mut rec = DirCache {
+            stat_ns,
+            seeded: true,
+            ..DirCache::default()
+        };
+        for e in tree.entries {
+            match e.kind {
+                EntryKind::File => rec.files.push(CachedFile {
+                    name: e.name,
+                    dev: 0,
+                    ino: 0,
+                    size: e.size,
+                    mtime_ns: e.mtime_ns,
+                    ctime_ns: 0,
+                    chunks: e.content,
+                }),
+                EntryKind::Dir => {
+                    stack.push((path.join(std::ffi::OsStr::from_bytes(&e.name)), e.content));
+                    rec.dirs.push(serde_bytes::ByteBuf::from(e.name));
+                }
+                _ => {}
+            }
+        }
+        rec.dirs.sort();
+        puts.push((crate::backup::cache_key(&path), rec));
+        seeded += 1;
+        if puts.len() >= 1024 {
+            repo.store.write_dir_caches(&puts, &[])?;
+            puts.clear();
+        }
+    }
+    repo.store.write_dir_caches(&puts, &[])?;
+    repo.clear_cache();
+    Ok(seeded)
 }
 
 /// Rebuilds the chunk → pack and pack → holders index from what the friends hold.
@@ -566,7 +636,8 @@ pub fn rebuild(
         let body = adopt_head(repo, &owner.keys, bytes, head)?;
         added = learn_friends(repo, remote, &body)?;
     }
-    let rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
+    let mut rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
     repo.index_ok();
+    rebuilt.seeded_dirs = seed_file_cache(repo, &owner.keys)?;
     Ok((rebuilt, warnings, added))
 }

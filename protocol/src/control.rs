@@ -82,6 +82,8 @@ pub struct RecoverReply {
     pub packs: u64,
     /// Chunks indexed.
     pub chunks: u64,
+    /// Directories whose file-cache record was seeded from the newest snapshot.
+    pub seeded_dirs: u64,
     /// Friends learned from the head.
     pub friends_added: Vec<String>,
     /// Friends that accepted this node as the owner's writer.
@@ -158,6 +160,8 @@ pub struct BackupRequest {
     pub tags: Vec<String>,
     /// Seconds to wait for replication without progress (0: the configured default).
     pub timeout_secs: u64,
+    /// Read every file, ignoring the file cache.
+    pub force: bool,
 }
 
 /// `obnam ls`.
@@ -312,6 +316,8 @@ pub struct BackupReport {
     pub bytes: u64,
     /// Plaintext bytes of chunks not stored before.
     pub new_bytes: u64,
+    /// Regular files not read again because the file cache showed them unchanged.
+    pub cached_files: u64,
     /// Sealed bytes this backup added to the outbox.
     pub stored_bytes: u64,
     /// Friends holding the whole snapshot.

@@ -216,3 +216,216 @@ mod friend_tests {
         assert_eq!(s.to_bytes(), vec![1, 3, 1, 0, 0]);
     }
 }
+
+/// How much older than the stat a change time must be before a file-cache record is trusted.
+/// Larger than any file-system timestamp granularity we expect (1 s on ext3 and some network
+/// file systems, one clock tick on the rest): a file changed after the stat then always shows
+/// a newer ctime.
+pub const FILE_CACHE_MARGIN_NS: i64 = 2_000_000_000;
+
+/// The file-cache record of one directory: what the last backup (or an index rebuild) saw of
+/// each regular file in it. A file whose metadata still matches is not read again.
+///
+/// Stored in the node's own redb under [`dir_cache_key`]; never sent to anyone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DirCache {
+    /// When the stats were taken (before the first one), nanoseconds since the Unix epoch.
+    /// A file is trusted only if its ctime is older than this by [`FILE_CACHE_MARGIN_NS`].
+    pub stat_ns: i64,
+    /// Seeded by an index rebuild from a snapshot: device, inode and ctime are unknown, so
+    /// size and mtime must match and the ctime must predate the seed.
+    pub seeded: bool,
+    /// Regular files, sorted by name.
+    pub files: Vec<CachedFile>,
+    /// Names of subdirectories, sorted, so records below a vanished one can be removed.
+    pub dirs: Vec<serde_bytes::ByteBuf>,
+}
+
+/// One regular file in a [`DirCache`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedFile {
+    /// File name within the directory.
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// Device number (0 when seeded).
+    pub dev: u64,
+    /// Inode number (0 when seeded).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds.
+    pub mtime_ns: i64,
+    /// Change time, nanoseconds (0 when seeded).
+    pub ctime_ns: i64,
+    /// The file's chunks, in order.
+    pub chunks: Vec<crate::ChunkId>,
+}
+
+/// The stat fields the file cache compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds.
+    pub mtime_ns: i64,
+    /// Change time, nanoseconds.
+    pub ctime_ns: i64,
+}
+
+/// Largest [`DirCache`] record decoded (a directory of about a million files).
+pub const MAX_DIR_CACHE: usize = 512 * 1024 * 1024;
+
+impl DirCache {
+    /// Encodes the record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+    /// Decodes the record.
+    ///
+    /// # Errors
+    /// A bounded [`DecodeError`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_versioned("directory cache", bytes, MAX_DIR_CACHE)
+    }
+
+    /// The chunks of `name` if the record may be trusted for a file with `stat`: the same size
+    /// and mtime and, unless seeded, the same device, inode and ctime; and in every case a
+    /// ctime older than the record by [`FILE_CACHE_MARGIN_NS`].
+    pub fn lookup(&self, name: &[u8], stat: &FileStat) -> Option<&[crate::ChunkId]> {
+        let i = self
+            .files
+            .binary_search_by(|f| f.name.as_slice().cmp(name))
+            .ok()?;
+        let f = &self.files[i];
+        let same = f.size == stat.size
+            && f.mtime_ns == stat.mtime_ns
+            && (self.seeded
+                || (f.dev == stat.dev && f.ino == stat.ino && f.ctime_ns == stat.ctime_ns));
+        let settled = stat.ctime_ns < self.stat_ns.saturating_sub(FILE_CACHE_MARGIN_NS);
+        (same && settled).then_some(f.chunks.as_slice())
+    }
+}
+
+/// The key of a directory's [`DirCache`]: each component of the absolute path, preceded by a
+/// zero byte (`/` is the empty key). Every directory below `dir` then has a key that starts
+/// with `dir_cache_key(dir) + [0]`, so a subtree is one key range.
+pub fn dir_cache_key<'a>(components: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut key = Vec::new();
+    for c in components {
+        key.push(0);
+        key.extend_from_slice(c);
+    }
+    key
+}
+
+#[cfg(test)]
+mod dir_cache_tests {
+    use super::*;
+    use crate::ChunkId;
+
+    fn rec(seeded: bool) -> DirCache {
+        DirCache {
+            stat_ns: 10_000_000_000,
+            seeded,
+            files: vec![CachedFile {
+                name: b"a".to_vec(),
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime_ns: 4,
+                ctime_ns: 5,
+                chunks: vec![ChunkId([7; 32])],
+            }],
+            dirs: vec![],
+        }
+    }
+
+    const STAT: FileStat = FileStat {
+        dev: 1,
+        ino: 2,
+        size: 3,
+        mtime_ns: 4,
+        ctime_ns: 5,
+    };
+
+    #[test]
+    fn an_unchanged_settled_file_hits() {
+        assert_eq!(
+            rec(false).lookup(b"a", &STAT),
+            Some(&[ChunkId([7; 32])][..])
+        );
+        assert_eq!(rec(false).lookup(b"b", &STAT), None);
+    }
+
+    #[test]
+    fn any_changed_field_misses() {
+        let r = rec(false);
+        for s in [
+            FileStat { dev: 9, ..STAT },
+            FileStat { ino: 9, ..STAT },
+            FileStat { size: 9, ..STAT },
+            FileStat {
+                mtime_ns: 9,
+                ..STAT
+            },
+            FileStat {
+                ctime_ns: 9,
+                ..STAT
+            },
+        ] {
+            assert_eq!(r.lookup(b"a", &s), None, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_changed_just_before_the_stat_is_not_trusted() {
+        let mut r = rec(false);
+        r.stat_ns = STAT.ctime_ns + FILE_CACHE_MARGIN_NS;
+        assert_eq!(r.lookup(b"a", &STAT), None);
+        r.stat_ns += 1;
+        assert!(r.lookup(b"a", &STAT).is_some());
+    }
+
+    #[test]
+    fn a_seed_ignores_device_inode_and_ctime_but_not_size_or_mtime() {
+        let r = rec(true);
+        let moved = FileStat {
+            dev: 8,
+            ino: 9,
+            ctime_ns: 6,
+            ..STAT
+        };
+        assert!(r.lookup(b"a", &moved).is_some());
+        assert_eq!(r.lookup(b"a", &FileStat { size: 4, ..moved }), None);
+        assert_eq!(
+            r.lookup(
+                b"a",
+                &FileStat {
+                    mtime_ns: 5,
+                    ..moved
+                }
+            ),
+            None
+        );
+        // A file changed after the seed has a newer ctime.
+        let late = FileStat {
+            ctime_ns: r.stat_ns,
+            ..moved
+        };
+        assert_eq!(r.lookup(b"a", &late), None);
+    }
+
+    #[test]
+    fn golden_dir_cache_and_keys() {
+        let r = rec(false);
+        let bytes = r.to_bytes();
+        assert_eq!(&bytes[..2], &[1, 0x80]);
+        assert_eq!(DirCache::from_bytes(&bytes).unwrap(), r);
+        assert_eq!(dir_cache_key([]), Vec::<u8>::new());
+        assert_eq!(dir_cache_key([&b"home"[..], b"u"]), b"\0home\0u".to_vec());
+    }
+}

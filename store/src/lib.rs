@@ -8,6 +8,7 @@
 //! | `packs-0` | pack id → [`PackRecord`] | our packs, and whether their file is in the outbox |
 //! | `snapshots-0` | snapshot id → encoded [`SnapshotRecord`] | our snapshots |
 //! | `meta-0` | name → bytes | the signed head, the schema version |
+//! | `files-0` | directory key → [`DirCache`] | the file cache: what the last backup saw of each file |
 //!
 //! Pack bodies never go into redb: they are files in the outbox beside it, because redb stores
 //! large values at 1.5–2.5× their size (see `../shared/DEPS.md`).
@@ -24,7 +25,7 @@ pub mod hosted;
 pub use error::StoreError;
 pub use hosted::{Binding, HeadOutcome, PutOutcome, TakeoverOutcome};
 
-use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, PackRecord};
+use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, DirCache, PackRecord};
 use obnam_protocol::snapshot::SnapshotRecord;
 use obnam_protocol::{ChunkId, PackId, SnapshotId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -35,6 +36,7 @@ const INDEX: TableDefinition<&[u8; 32], &[u8; CHUNK_LOC_LEN]> = TableDefinition:
 pub(crate) const PACKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("packs-0");
 const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-0");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-0");
+const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files-0");
 
 const META_SCHEMA: &str = "schema";
 const META_HEAD: &str = "own-head";
@@ -116,6 +118,7 @@ impl Store {
             tx.open_table(INDEX)?;
             tx.open_table(PACKS)?;
             tx.open_table(SNAPSHOTS)?;
+            tx.open_table(FILES)?;
             tx.open_table(hosted::FRIENDS)?;
             tx.open_table(hosted::OWNERS)?;
             tx.open_table(hosted::HOSTED)?;
@@ -325,6 +328,69 @@ impl Store {
         Ok(())
     }
 
+    /// The file-cache record of the directory with key `key` (see
+    /// [`obnam_protocol::local::dir_cache_key`]). A record that does not decode is treated as
+    /// absent: the cache only ever saves work.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn dir_cache(&self, key: &[u8]) -> Result<Option<DirCache>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(FILES)?;
+        let Some(v) = table.get(key)? else {
+            return Ok(None);
+        };
+        Ok(DirCache::from_bytes(v.value()).ok())
+    }
+
+    /// Removes the records of the directories in `drop` and of everything below them, then
+    /// writes `puts`, in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn write_dir_caches(
+        &self,
+        puts: &[(Vec<u8>, DirCache)],
+        drop: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(FILES)?;
+            for key in drop {
+                // The key itself sorts first, then exactly the keys starting with `key + [0]`.
+                let start = key.clone();
+                let mut end = key.clone();
+                end.push(1);
+                table.retain_in(start.as_slice()..end.as_slice(), |_, _| false)?;
+            }
+            for (key, rec) in puts {
+                table.insert(key.as_slice(), rec.to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Empties the file cache.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn clear_file_cache(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(FILES)?.retain(|_, _| false)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Number of directories in the file cache.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn file_cache_dirs(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(FILES)?.len()?)
+    }
+
     /// The owner's current signed head, if any.
     ///
     /// # Errors
@@ -445,6 +511,41 @@ mod tests {
         }
         let store = Store::open(&path, &StoreOptions::default())?;
         assert_eq!(store.chunk(&ChunkId([8; 32]))?, Some(loc(1, 10)));
+        Ok(())
+    }
+
+    #[test]
+    fn file_cache_subtrees_are_dropped_by_key_range() -> TestResult {
+        use obnam_protocol::local::dir_cache_key;
+        let store = Store::in_memory()?;
+        let rec = DirCache {
+            stat_ns: 1,
+            ..DirCache::default()
+        };
+        let keys: Vec<Vec<u8>> = [
+            &[&b"a"[..]][..],
+            &[b"a", b"b"],
+            &[b"a", b"b", b"c"],
+            &[b"a-b"],
+            &[b"ab"],
+        ]
+        .iter()
+        .map(|p| dir_cache_key(p.iter().copied()))
+        .collect();
+        let puts: Vec<_> = keys.iter().map(|k| (k.clone(), rec.clone())).collect();
+        store.write_dir_caches(&puts, &[])?;
+        assert_eq!(store.file_cache_dirs()?, 5);
+        // Dropping /a/b removes it and /a/b/c, and keeps /a and the look-alikes of /a.
+        store.write_dir_caches(&[], &[keys[1].clone()])?;
+        assert_eq!(store.dir_cache(&keys[0])?, Some(rec.clone()));
+        assert_eq!(store.dir_cache(&keys[1])?, None);
+        assert_eq!(store.dir_cache(&keys[2])?, None);
+        assert!(store.dir_cache(&keys[3])?.is_some());
+        assert!(store.dir_cache(&keys[4])?.is_some());
+        store.write_dir_caches(&[], &[keys[0].clone()])?;
+        assert_eq!(store.file_cache_dirs()?, 2);
+        store.clear_file_cache()?;
+        assert_eq!(store.file_cache_dirs()?, 0);
         Ok(())
     }
 
