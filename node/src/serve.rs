@@ -20,12 +20,12 @@ use libp2p::PeerId;
 use obnam_protocol::keyslot::KeySlot;
 use obnam_protocol::msg::{
     self, ErrorCode, MAX_HAVE, MAX_HEAD, MAX_SLOT, MAX_STREAM_HEADER, OwnerProof, Request,
-    Response, StreamReply, StreamRequest, WireError,
+    Response, StreamReply, StreamRequest, SuccessorStatement, WireError,
 };
 use obnam_protocol::pack::MAX_PACK_LEN;
 use obnam_protocol::snapshot::SignedHead;
 use obnam_protocol::{LookupId, OwnerId, PackId};
-use obnam_store::{Binding, HeadOutcome, PutOutcome, Store, TakeoverOutcome};
+use obnam_store::{Binding, HeadOutcome, PutOutcome, RetireOutcome, Store, TakeoverOutcome};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
 use std::io::Write;
@@ -161,6 +161,21 @@ impl Server {
     /// Writes for an owner: a friend bound to the owner.
     fn owner_check(&self, peer: &PeerId, owner: &OwnerId) -> Result<(), WireError> {
         self.friend_check(peer)?;
+        match self.store.successor(owner) {
+            Ok(None) => {}
+            Ok(Some(new)) => {
+                tracing::warn!(%peer, owner = %owner.short(), successor = %new.short(), "refused a write for a retired owner key");
+                return Err(refuse(
+                    ErrorCode::Retired,
+                    format!(
+                        "owner key {} was retired by `obnam keys rotate` (its successor is {})",
+                        owner.short(),
+                        new.short()
+                    ),
+                ));
+            }
+            Err(e) => return Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
         match self.store.hosted_owner(owner) {
             Ok(Some(rec)) if rec.bound_peer == peer.to_bytes() => Ok(()),
             Ok(Some(_)) => {
@@ -283,6 +298,8 @@ impl Server {
                     }
                     // The proof stands for reading; writing needs a takeover.
                     Binding::Elsewhere(_) => Ok(Response::Ok),
+                    // A retired key may still read what is left until it is deleted.
+                    Binding::Retired => Ok(Response::Ok),
                     Binding::TooMany => Err(refuse(
                         ErrorCode::QuotaExceeded,
                         "this node already stores data for too many owner keys of yours",
@@ -407,6 +424,8 @@ impl Server {
                         .map_err(internal)?,
                 ))
             }
+            Request::Successor(statement) => self.successor(peer, statement),
+            Request::DeleteOwner { owner } => self.delete_owner(peer, owner),
             Request::Takeover(statement) => {
                 let proven = self
                     .proven
@@ -453,6 +472,64 @@ impl Server {
                         "this node stores nothing for that owner",
                     )),
                 }
+            }
+        }
+    }
+
+    fn successor(&self, peer: PeerId, st: SuccessorStatement) -> Result<Response, WireError> {
+        self.friend_check(&peer)?;
+        if st.slot.len() > MAX_SLOT {
+            return Err(refuse(ErrorCode::TooLarge, "key slot too large"));
+        }
+        KeySlot::from_bytes(&st.slot)
+            .map_err(|e| refuse(ErrorCode::Malformed, format!("key slot: {e}")))?;
+        st.verify()
+            .map_err(|e| refuse(ErrorCode::Unproven, format!("successor statement: {e}")))?;
+        match self
+            .store
+            .retire_owner(&st.old, &st.new, &peer.to_bytes(), &st.lookup, &st.slot)
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?
+        {
+            RetireOutcome::Retired => {
+                tracing::info!(%peer, old = %st.old.short(), new = %st.new.short(), "an owner key was retired; its key slot now belongs to the successor");
+                Ok(Response::Ok)
+            }
+            RetireOutcome::NotBound => Err(refuse(
+                ErrorCode::NotFound,
+                format!("owner {} is not bound to {peer} here", st.old.short()),
+            )),
+            RetireOutcome::NewElsewhere => Err(refuse(
+                ErrorCode::BoundElsewhere,
+                format!("owner {} is bound to another node", st.new.short()),
+            )),
+        }
+    }
+
+    fn delete_owner(&self, peer: PeerId, owner: OwnerId) -> Result<Response, WireError> {
+        self.friend_check(&peer)?;
+        match self
+            .store
+            .delete_owner(&owner, &peer.to_bytes())
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?
+        {
+            None => Err(refuse(
+                ErrorCode::NotFound,
+                format!(
+                    "owner {} is not a retired owner of {peer} here: nothing deleted",
+                    owner.short()
+                ),
+            )),
+            Some(freed) => {
+                // The records are gone; the bodies go now. A crash here leaves only files that
+                // nothing references.
+                let dir = self.hosted.join(owner.to_hex());
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove a retired owner's packs");
+                }
+                tracing::info!(%peer, owner = %owner.short(), freed, "deleted the data of a retired owner key");
+                Ok(Response::Ok)
             }
         }
     }

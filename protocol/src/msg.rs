@@ -140,6 +140,65 @@ pub enum Request {
     },
     /// A recovered node becomes the owner's writing node.
     Takeover(TakeoverStatement),
+    /// The owner key retires in favour of a new one (`keys rotate`): the key slot moves to
+    /// the new owner, and the old owner takes no more writes.
+    Successor(SuccessorStatement),
+    /// Delete everything stored for a retired owner. Only its bound node may ask, and only
+    /// after a [`Request::Successor`].
+    DeleteOwner {
+        /// The retired owner.
+        owner: OwnerId,
+    },
+}
+
+/// A statement, signed with the **old** owner key in
+/// [`CONTEXT_SUCCESSOR`](crate::signed::CONTEXT_SUCCESSOR), that `new` succeeds `old`, and that
+/// the key slot under `lookup` is now `slot` (the new master secret, wrapped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuccessorStatement {
+    /// The retiring owner.
+    pub old: OwnerId,
+    /// The owner that succeeds it.
+    pub new: OwnerId,
+    /// Where the slot is filed.
+    pub lookup: LookupId,
+    /// The new encoded key slot.
+    pub slot: ByteBuf,
+    /// Ed25519 signature by `old` over [`SuccessorStatement::payload`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SuccessorStatement {
+    /// The signed bytes: `old ‖ new ‖ lookup ‖ BLAKE3(slot)`.
+    pub fn payload(old: &OwnerId, new: &OwnerId, lookup: &LookupId, slot: &[u8]) -> Vec<u8> {
+        let mut p = old.as_bytes().to_vec();
+        p.extend_from_slice(new.as_bytes());
+        p.extend_from_slice(lookup.as_bytes());
+        p.extend_from_slice(blake3::hash(slot).as_bytes());
+        p
+    }
+
+    /// Verifies the statement under the old owner key.
+    ///
+    /// # Errors
+    /// [`SignatureError`] when it does not verify.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        let sig: [u8; SIGNATURE_LEN] =
+            self.signature
+                .as_slice()
+                .try_into()
+                .map_err(|_| SignatureError::Invalid {
+                    owner: self.old,
+                    context: signed::CONTEXT_SUCCESSOR,
+                })?;
+        signed::verify(
+            &self.old,
+            signed::CONTEXT_SUCCESSOR,
+            &Self::payload(&self.old, &self.new, &self.lookup, &self.slot),
+            &sig,
+        )
+    }
 }
 
 /// Most pack ids in one [`Response::Packs`].
@@ -217,6 +276,8 @@ pub enum ErrorCode {
     NotFound,
     /// The node failed.
     Internal,
+    /// The owner key was retired by `keys rotate`: it takes no more writes.
+    Retired,
 }
 
 /// A refusal, with a sentence for people.
@@ -450,6 +511,57 @@ mod tests {
         assert!(cross.verify().is_err(), "a head signature is no takeover");
         assert_eq!(body(&Request::Takeover(good.clone()))[0], 9);
         assert_eq!(body(&Response::Packs(vec![]))[0], 7);
+    }
+
+    #[test]
+    fn successor_statements_cover_both_owners_the_lookup_and_the_slot() {
+        let old = SigningKey::from_bytes(&[5; 32]);
+        let old_id = OwnerId(old.verifying_key().to_bytes());
+        let new_id = OwnerId(SigningKey::from_bytes(&[6; 32]).verifying_key().to_bytes());
+        let lookup = LookupId([7; 32]);
+        let sign = |ctx: &str, slot: &[u8]| {
+            old.sign(&signed::message(
+                ctx,
+                &SuccessorStatement::payload(&old_id, &new_id, &lookup, slot),
+            ))
+            .to_bytes()
+            .to_vec()
+        };
+        let good = SuccessorStatement {
+            old: old_id,
+            new: new_id,
+            lookup,
+            slot: ByteBuf::from(b"slot".to_vec()),
+            signature: sign(signed::CONTEXT_SUCCESSOR, b"slot"),
+        };
+        assert!(good.verify().is_ok());
+        for bad in [
+            SuccessorStatement {
+                new: OwnerId([8; 32]),
+                ..good.clone()
+            },
+            SuccessorStatement {
+                lookup: LookupId([9; 32]),
+                ..good.clone()
+            },
+            SuccessorStatement {
+                slot: ByteBuf::from(b"other".to_vec()),
+                ..good.clone()
+            },
+            SuccessorStatement {
+                signature: sign(signed::CONTEXT_TAKEOVER, b"slot"),
+                ..good.clone()
+            },
+            SuccessorStatement {
+                signature: vec![1, 2],
+                ..good.clone()
+            },
+        ] {
+            assert!(bad.verify().is_err(), "{bad:?}");
+        }
+        assert_eq!(body(&Request::Successor(good))[0], 10);
+        assert_eq!(body(&Request::DeleteOwner { owner: old_id })[0], 11);
+        assert_eq!(body(&ErrorCode::Retired)[0], 11);
     }
 
     proptest! {

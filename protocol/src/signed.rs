@@ -14,6 +14,8 @@ pub const CONTEXT_HEAD: &str = "obnam head v1";
 pub const CONTEXT_OWNER_PROOF: &str = "obnam owner proof v1";
 /// Context of a takeover statement (a recovered node becomes the owner's writer).
 pub const CONTEXT_TAKEOVER: &str = "obnam takeover v1";
+/// Context of a successor statement (an owner key hands over to a new one: `keys rotate`).
+pub const CONTEXT_SUCCESSOR: &str = "obnam successor v1";
 /// Length of a signature.
 pub const SIGNATURE_LEN: usize = 64;
 
@@ -78,7 +80,12 @@ mod tests {
 
     #[test]
     fn contexts_are_distinct() {
-        let all = [CONTEXT_HEAD, CONTEXT_OWNER_PROOF, CONTEXT_TAKEOVER];
+        let all = [
+            CONTEXT_HEAD,
+            CONTEXT_OWNER_PROOF,
+            CONTEXT_TAKEOVER,
+            CONTEXT_SUCCESSOR,
+        ];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a, b);

@@ -29,6 +29,9 @@ pub(crate) const SLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new
 pub(crate) const PLACEMENT: MultimapTableDefinition<&[u8; 32], &[u8]> =
     MultimapTableDefinition::new("placement-0");
 pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer-state-0");
+/// Retired owner → its successor. Kept after the owner's data is deleted, so that the retired
+/// key can never be bound (or written for) again.
+pub(crate) const RETIRED: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::new("retired-0");
 
 fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) -> StoreError {
     move |source| StoreError::Corrupt { what, source }
@@ -61,6 +64,20 @@ pub enum Binding {
     Bound,
     /// Bound to another node (its peer id bytes).
     Elsewhere(Vec<u8>),
+    /// The owner key was retired (`keys rotate`) and takes no more writes.
+    Retired,
+}
+
+/// The result of a successor statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetireOutcome {
+    /// The old owner is retired (now or before), the new one is bound to the same node, and the
+    /// key slot is the new owner's.
+    Retired,
+    /// Refused: the old owner is not bound to the sending node here.
+    NotBound,
+    /// Refused: the new owner is bound to another node.
+    NewElsewhere,
 }
 
 /// The result of storing a hosted pack.
@@ -151,6 +168,9 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn bind_owner(&self, owner: &OwnerId, peer: &[u8]) -> Result<Binding, StoreError> {
         let tx = self.db.begin_write()?;
+        if tx.open_table(RETIRED)?.get(owner.as_bytes())?.is_some() {
+            return Ok(Binding::Retired);
+        }
         let outcome = {
             let mut t = tx.open_table(OWNERS)?;
             let existing = match t.get(owner.as_bytes())? {
@@ -480,7 +500,7 @@ impl Store {
         if let Some(mut rec) = self.pack(pack)? {
             rec.in_outbox = false;
             let tx = self.db.begin_write()?;
-            tx.open_table(crate::PACKS)?
+            tx.open_table(self.own.packs)?
                 .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
             tx.commit()?;
         }
@@ -671,6 +691,136 @@ pub enum TakeoverOutcome {
 }
 
 impl Store {
+    /// The successor of a retired owner.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn successor(&self, owner: &OwnerId) -> Result<Option<OwnerId>, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(RETIRED)?
+            .get(owner.as_bytes())?
+            .map(|v| OwnerId(*v.value())))
+    }
+
+    /// Retires `old` in favour of `new`, in one transaction: `new` is bound to `peer` (which must
+    /// be `old`'s node), the slot under `lookup` becomes `new`'s (unless another owner filed it),
+    /// other slots of `old` are removed, and `old` takes no more writes. Its data stays until
+    /// [`Store::delete_owner`]. Sending it again changes nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn retire_owner(
+        &self,
+        old: &OwnerId,
+        new: &OwnerId,
+        peer: &[u8],
+        lookup: &LookupId,
+        slot: &[u8],
+    ) -> Result<RetireOutcome, StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut owners = tx.open_table(OWNERS)?;
+            let old_rec = match owners.get(old.as_bytes())? {
+                Some(v) => Some(
+                    HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {old}")))?,
+                ),
+                None => None,
+            };
+            if old_rec.is_none_or(|r| r.bound_peer != peer) {
+                return Ok(RetireOutcome::NotBound);
+            }
+            let new_rec = match owners.get(new.as_bytes())? {
+                Some(v) => Some(
+                    HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {new}")))?,
+                ),
+                None => None,
+            };
+            match new_rec {
+                Some(r) if r.bound_peer != peer => return Ok(RetireOutcome::NewElsewhere),
+                Some(_) => {}
+                None => {
+                    let rec = HostedOwner {
+                        bound_peer: peer.to_vec(),
+                        used: 0,
+                        packs: 0,
+                    };
+                    owners.insert(new.as_bytes(), rec.to_bytes().as_slice())?;
+                }
+            }
+            let mut slots = tx.open_table(SLOTS)?;
+            let mut stale = Vec::new();
+            for item in slots.iter()? {
+                let (k, v) = item?;
+                if v.value().get(..32) == Some(old.as_bytes().as_slice())
+                    && k.value() != lookup.as_bytes()
+                {
+                    stale.push(*k.value());
+                }
+            }
+            for k in stale {
+                slots.remove(&k)?;
+            }
+            let filed_by = slots
+                .get(lookup.as_bytes())?
+                .and_then(|v| v.value().get(..32).map(<[u8]>::to_vec));
+            let ours = filed_by
+                .as_deref()
+                .is_none_or(|o| o == old.as_bytes().as_slice() || o == new.as_bytes().as_slice());
+            if ours {
+                let mut v = new.as_bytes().to_vec();
+                v.extend_from_slice(slot);
+                slots.insert(lookup.as_bytes(), v.as_slice())?;
+            }
+            tx.open_table(RETIRED)?
+                .insert(old.as_bytes(), new.as_bytes())?;
+        }
+        tx.commit()?;
+        Ok(RetireOutcome::Retired)
+    }
+
+    /// Deletes everything stored for a retired owner bound to `peer`: its pack records, head,
+    /// slots and binding (the caller removes the pack files). Returns the bytes freed, or
+    /// `None` when the owner is not retired or not bound to `peer` (nothing changes). The
+    /// retirement record stays.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn delete_owner(&self, owner: &OwnerId, peer: &[u8]) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let freed = {
+            if tx.open_table(RETIRED)?.get(owner.as_bytes())?.is_none() {
+                return Ok(None);
+            }
+            let mut owners = tx.open_table(OWNERS)?;
+            let rec = match owners.get(owner.as_bytes())? {
+                Some(v) => Some(
+                    HostedOwner::from_bytes(v.value())
+                        .map_err(corrupt(format!("owner {owner}")))?,
+                ),
+                None => None,
+            };
+            let Some(rec) = rec else {
+                // Deleted before: done.
+                return Ok(Some(0));
+            };
+            if rec.bound_peer != peer {
+                return Ok(None);
+            }
+            owners.remove(owner.as_bytes())?;
+            let start = hosted_key(owner, &PackId([0; 32]));
+            let end = hosted_key(owner, &PackId([0xff; 32]));
+            tx.open_table(HOSTED)?
+                .retain_in::<&[u8; 64], _>(&start..=&end, |_, _| false)?;
+            tx.open_table(HEADS)?.remove(owner.as_bytes())?;
+            tx.open_table(SLOTS)?
+                .retain(|_, v| v.get(..32) != Some(owner.as_bytes().as_slice()))?;
+            rec.used
+        };
+        tx.commit()?;
+        Ok(Some(freed))
+    }
+
     /// The owner's packs held here, in id order, after `after`, at most `limit`.
     ///
     /// # Errors
@@ -807,6 +957,64 @@ mod recovery_tests {
                 .is_empty()
         );
         assert_eq!(s.hosted_packs(&b, None, 10)?, vec![(PackId([9; 32]), 10)]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_retired_owner_hands_over_its_slot_then_is_deleted()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let s = Store::in_memory()?;
+        let (old, new, lookup) = (OwnerId([1; 32]), OwnerId([2; 32]), LookupId([3; 32]));
+        s.put_friend(&Friend {
+            peer_id: vec![7],
+            name: "alice".into(),
+            household: String::new(),
+            addrs: vec![],
+            quota_given: 1000,
+            added_ns: 5,
+        })?;
+        // Deleting an owner that was never retired does nothing.
+        s.bind_owner(&old, &[7])?;
+        assert_eq!(s.delete_owner(&old, &[7])?, None);
+        assert_eq!(
+            s.commit_hosted(&old, &PackId([4; 32]), 100)?,
+            PutOutcome::Stored
+        );
+        s.put_head(&old, 3, b"old head")?;
+        assert!(s.put_slot(&old, &lookup, b"old slot")?);
+        // Only the old owner's node may retire it.
+        assert_eq!(
+            s.retire_owner(&old, &new, &[8], &lookup, b"new slot")?,
+            RetireOutcome::NotBound
+        );
+        assert_eq!(s.get_slot(&lookup)?, Some((old, b"old slot".to_vec())));
+        assert_eq!(
+            s.retire_owner(&old, &new, &[7], &lookup, b"new slot")?,
+            RetireOutcome::Retired
+        );
+        assert_eq!(
+            s.retire_owner(&old, &new, &[7], &lookup, b"new slot")?,
+            RetireOutcome::Retired,
+            "sent again"
+        );
+        assert_eq!(s.get_slot(&lookup)?, Some((new, b"new slot".to_vec())));
+        assert_eq!(s.hosted_owner(&new)?.map(|o| o.bound_peer), Some(vec![7]));
+        assert_eq!(s.successor(&old)?, Some(new));
+        // The old data stays readable until it is deleted, by its node only.
+        assert_eq!(s.hosted_packs(&old, None, 10)?.len(), 1);
+        assert_eq!(s.delete_owner(&old, &[8])?, None);
+        assert_eq!(s.delete_owner(&old, &[7])?, Some(100));
+        assert_eq!(s.delete_owner(&old, &[7])?, Some(0), "deleted before");
+        assert!(s.hosted_packs(&old, None, 10)?.is_empty());
+        assert_eq!(s.get_head(&old)?, None);
+        assert_eq!(s.hosted_owner(&old)?, None);
+        assert_eq!(
+            s.available(&new)?,
+            Some((1000, 0)),
+            "the quota is free again"
+        );
+        // A retired key can never be bound again.
+        assert_eq!(s.bind_owner(&old, &[7])?, Binding::Retired);
         Ok(())
     }
 

@@ -23,7 +23,7 @@ mod error;
 pub mod hosted;
 
 pub use error::StoreError;
-pub use hosted::{Binding, HeadOutcome, PutOutcome, TakeoverOutcome};
+pub use hosted::{Binding, HeadOutcome, PutOutcome, RetireOutcome, TakeoverOutcome};
 
 use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, DirCache, PackRecord};
 use obnam_protocol::snapshot::SnapshotRecord;
@@ -32,14 +32,36 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::path::Path;
 use std::sync::Arc;
 
-const INDEX: TableDefinition<&[u8; 32], &[u8; CHUNK_LOC_LEN]> = TableDefinition::new("index-0");
-pub(crate) const PACKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("packs-0");
-const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-0");
+type IndexTable = TableDefinition<'static, &'static [u8; 32], &'static [u8; CHUNK_LOC_LEN]>;
+type IdTable = TableDefinition<'static, &'static [u8; 32], &'static [u8]>;
+
+/// The tables of one key generation of the owner's own data. `keys rotate` builds the next
+/// generation beside the current one and swaps them in one transaction.
+pub(crate) struct OwnTables {
+    index: IndexTable,
+    pub(crate) packs: IdTable,
+    snapshots: IdTable,
+    head: &'static str,
+}
+
+static CURRENT: OwnTables = OwnTables {
+    index: TableDefinition::new("index-0"),
+    packs: TableDefinition::new("packs-0"),
+    snapshots: TableDefinition::new("snapshots-0"),
+    head: "own-head",
+};
+
+static NEXT: OwnTables = OwnTables {
+    index: TableDefinition::new("next-index-0"),
+    packs: TableDefinition::new("next-packs-0"),
+    snapshots: TableDefinition::new("next-snapshots-0"),
+    head: "next-head",
+};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-0");
 const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files-0");
+const MEMO: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("rotate-memo-0");
 
 const META_SCHEMA: &str = "schema";
-const META_HEAD: &str = "own-head";
 const SCHEMA_VERSION: &[u8] = b"1";
 
 /// Options for opening a store.
@@ -70,6 +92,7 @@ pub struct OutboxUsage {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: Arc<Database>,
+    pub(crate) own: &'static OwnTables,
 }
 
 impl std::fmt::Debug for Store {
@@ -91,7 +114,10 @@ impl Store {
                 path: path.to_owned(),
                 source: e.into(),
             })?;
-        let store = Self { db: Arc::new(db) };
+        let store = Self {
+            db: Arc::new(db),
+            own: &CURRENT,
+        };
         store.init_tables().map_err(|e| StoreError::Open {
             path: path.to_owned(),
             source: Box::new(e),
@@ -107,7 +133,10 @@ impl Store {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| StoreError::Db(e.into()))?;
-        let store = Self { db: Arc::new(db) };
+        let store = Self {
+            db: Arc::new(db),
+            own: &CURRENT,
+        };
         store.init_tables()?;
         Ok(store)
     }
@@ -115,11 +144,16 @@ impl Store {
     fn init_tables(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            tx.open_table(INDEX)?;
-            tx.open_table(PACKS)?;
-            tx.open_table(SNAPSHOTS)?;
+            tx.open_table(CURRENT.index)?;
+            tx.open_table(CURRENT.packs)?;
+            tx.open_table(CURRENT.snapshots)?;
+            tx.open_table(NEXT.index)?;
+            tx.open_table(NEXT.packs)?;
+            tx.open_table(NEXT.snapshots)?;
             tx.open_table(FILES)?;
+            tx.open_table(MEMO)?;
             tx.open_table(hosted::FRIENDS)?;
+            tx.open_table(hosted::RETIRED)?;
             tx.open_table(hosted::OWNERS)?;
             tx.open_table(hosted::HOSTED)?;
             tx.open_table(hosted::HEADS)?;
@@ -150,7 +184,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(INDEX)?;
+        let table = tx.open_table(self.own.index)?;
         Ok(table
             .get(id.as_bytes())?
             .map(|v| ChunkLoc::from_bytes(v.value())))
@@ -162,7 +196,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub fn chunk_count(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
-        Ok(tx.open_table(INDEX)?.len()?)
+        Ok(tx.open_table(self.own.index)?.len()?)
     }
 
     /// Records a pack and its chunks in one transaction. Call only after the pack file is durable.
@@ -178,9 +212,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut packs = tx.open_table(PACKS)?;
+            let mut packs = tx.open_table(self.own.packs)?;
             packs.insert(id.as_bytes(), record.to_bytes().as_slice())?;
-            let mut index = tx.open_table(INDEX)?;
+            let mut index = tx.open_table(self.own.index)?;
             for (chunk, loc) in chunks {
                 if index.get(chunk.as_bytes())?.is_none() {
                     index.insert(chunk.as_bytes(), &loc.to_bytes())?;
@@ -197,7 +231,7 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn pack(&self, id: &PackId) -> Result<Option<PackRecord>, StoreError> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(PACKS)?;
+        let table = tx.open_table(self.own.packs)?;
         match table.get(id.as_bytes())? {
             None => Ok(None),
             Some(v) => Ok(Some(PackRecord::from_bytes(v.value()).map_err(|e| {
@@ -215,7 +249,7 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn packs(&self) -> Result<Vec<(PackId, PackRecord)>, StoreError> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(PACKS)?;
+        let table = tx.open_table(self.own.packs)?;
         let mut out = Vec::new();
         for item in table.iter()? {
             let (k, v) = item?;
@@ -257,10 +291,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut snaps = tx.open_table(SNAPSHOTS)?;
+            let mut snaps = tx.open_table(self.own.snapshots)?;
             snaps.insert(id.as_bytes(), record.to_bytes().as_slice())?;
             let mut meta = tx.open_table(META)?;
-            meta.insert(META_HEAD, signed_head)?;
+            meta.insert(self.own.head, signed_head)?;
         }
         tx.commit()?;
         Ok(())
@@ -272,7 +306,7 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn snapshots(&self) -> Result<Vec<(SnapshotId, SnapshotRecord)>, StoreError> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(SNAPSHOTS)?;
+        let table = tx.open_table(self.own.snapshots)?;
         let mut out = Vec::new();
         for item in table.iter()? {
             let (k, v) = item?;
@@ -298,11 +332,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut snaps = tx.open_table(SNAPSHOTS)?;
+            let mut snaps = tx.open_table(self.own.snapshots)?;
             for (id, record) in snapshots {
                 snaps.insert(id.as_bytes(), record.to_bytes().as_slice())?;
             }
-            tx.open_table(META)?.insert(META_HEAD, signed_head)?;
+            tx.open_table(META)?.insert(self.own.head, signed_head)?;
         }
         tx.commit()?;
         Ok(())
@@ -391,6 +425,125 @@ impl Store {
         Ok(tx.open_table(FILES)?.len()?)
     }
 
+    /// The same database, seen through the tables of the next key generation (built by
+    /// `keys rotate` before [`Store::switch_generation`]). Hosted and friend tables are shared.
+    pub fn next_generation(&self) -> Store {
+        Store {
+            db: Arc::clone(&self.db),
+            own: &NEXT,
+        }
+    }
+
+    /// Whether the next generation holds anything (a rotation was started).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn next_generation_started(&self) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(!tx.open_table(NEXT.packs)?.is_empty()?
+            || tx.open_table(META)?.get(NEXT.head)?.is_some())
+    }
+
+    /// Makes the next generation current, in one transaction: its chunks, packs, snapshots and
+    /// head replace the current ones; the file cache, the rotation memo and the placements are
+    /// emptied; what we sent each friend is forgotten (the new owner starts from nothing);
+    /// `meta` entries are set.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn switch_generation(&self, meta: &[(&str, &[u8])]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.delete_table(CURRENT.index)?;
+            tx.delete_table(CURRENT.packs)?;
+            tx.delete_table(CURRENT.snapshots)?;
+            tx.rename_table(NEXT.index, CURRENT.index)?;
+            tx.rename_table(NEXT.packs, CURRENT.packs)?;
+            tx.rename_table(NEXT.snapshots, CURRENT.snapshots)?;
+            tx.open_table(NEXT.index)?;
+            tx.open_table(NEXT.packs)?;
+            tx.open_table(NEXT.snapshots)?;
+            let mut m = tx.open_table(META)?;
+            let head = m.remove(NEXT.head)?.map(|v| v.value().to_vec());
+            match head {
+                Some(h) => m.insert(CURRENT.head, h.as_slice())?,
+                None => m.remove(CURRENT.head)?,
+            };
+            for (k, v) in meta {
+                m.insert(*k, *v)?;
+            }
+            drop(m);
+            tx.open_table(FILES)?.retain(|_, _| false)?;
+            tx.open_table(MEMO)?.retain(|_, _| false)?;
+            tx.delete_multimap_table(hosted::PLACEMENT)?;
+            tx.open_multimap_table(hosted::PLACEMENT)?;
+            let mut states = tx.open_table(hosted::PEER_STATE)?;
+            states.retain(|_, _| false)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Empties the next generation (a rotation that starts over).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn discard_next_generation(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(NEXT.index)?.retain(|_, _| false)?;
+            tx.open_table(NEXT.packs)?.retain(|_, _| false)?;
+            tx.open_table(NEXT.snapshots)?.retain(|_, _| false)?;
+            tx.open_table(META)?.remove(NEXT.head)?;
+            tx.open_table(MEMO)?.retain(|_, _| false)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A rotation memo entry: the stamp it was written under and its value.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn memo(&self, key: &[u8; 32]) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(MEMO)?;
+        Ok(t.get(key)?.and_then(|v| {
+            let b = v.value();
+            let stamp = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+            Some((stamp, b[8..].to_vec()))
+        }))
+    }
+
+    /// Writes rotation memo entries under `stamp`.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_memos(&self, stamp: u64, entries: &[([u8; 32], Vec<u8>)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(MEMO)?;
+            for (k, v) in entries {
+                let mut val = stamp.to_le_bytes().to_vec();
+                val.extend_from_slice(v);
+                t.insert(k, val.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a value from the meta table.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn remove_meta(&self, key: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.remove(key)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The owner's current signed head, if any.
     ///
     /// # Errors
@@ -398,7 +551,7 @@ impl Store {
     pub fn own_head(&self) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(META)?;
-        Ok(table.get(META_HEAD)?.map(|v| v.value().to_vec()))
+        Ok(table.get(self.own.head)?.map(|v| v.value().to_vec()))
     }
 }
 
@@ -511,6 +664,46 @@ mod tests {
         }
         let store = Store::open(&path, &StoreOptions::default())?;
         assert_eq!(store.chunk(&ChunkId([8; 32]))?, Some(loc(1, 10)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_generation_switch_replaces_the_own_tables_in_one_go() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path, &StoreOptions::default())?;
+        index_and_outbox(&store)?;
+        store.commit_snapshot(&SnapshotId([1; 32]), &record(1), b"old head")?;
+        store.add_placement(&PackId([1; 32]), b"friend")?;
+        store.update_peer_state(b"friend", |s| s.head_seq = 9)?;
+        let next = store.next_generation();
+        assert!(!store.next_generation_started()?);
+        assert_eq!(next.chunk_count()?, 0);
+        let rec = PackRecord {
+            len: 65536,
+            chunks: 1,
+            created_ns: 2,
+            in_outbox: true,
+        };
+        next.commit_pack(&PackId([5; 32]), &rec, &[(ChunkId([6; 32]), loc(5, 0))])?;
+        next.commit_snapshot(&SnapshotId([2; 32]), &record(2), b"new head")?;
+        assert!(store.next_generation_started()?);
+        // The current generation does not see the next one.
+        assert_eq!(store.chunk(&ChunkId([6; 32]))?, None);
+        assert_eq!(store.own_head()?, Some(b"old head".to_vec()));
+        store.switch_generation(&[("rotation", b"x")])?;
+        drop((store, next));
+        let store = Store::open(&path, &StoreOptions::default())?;
+        assert_eq!(store.chunk(&ChunkId([6; 32]))?, Some(loc(5, 0)));
+        assert_eq!(store.chunk(&ChunkId([7; 32]))?, None);
+        assert_eq!(store.packs()?.len(), 1);
+        let snaps: Vec<_> = store.snapshots()?.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(snaps, vec![SnapshotId([2; 32])]);
+        assert_eq!(store.own_head()?, Some(b"new head".to_vec()));
+        assert_eq!(store.meta("rotation")?, Some(b"x".to_vec()));
+        assert!(store.holders(&PackId([1; 32]))?.is_empty());
+        assert_eq!(store.peer_state(b"friend")?.head_seq, 0);
+        assert!(!store.next_generation_started()?);
         Ok(())
     }
 
