@@ -53,6 +53,9 @@ pub enum Command {
     /// Passphrase operations.
     #[command(subcommand)]
     Passphrase(PassphraseCommand),
+    /// Key operations.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Friends: the nodes that store your backups, and whose backups you store.
     #[command(subcommand)]
     Peer(PeerCommand),
@@ -138,6 +141,14 @@ pub enum PassphraseCommand {
     /// Change the passphrase: the new key slot goes to every friend and replaces the old one
     /// there; no data is re-uploaded. The old passphrase stops working at every friend reached.
     Change(ChangeArgs),
+}
+
+/// `obnam keys`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new master secret and re-encrypt every snapshot under it; friends delete the old
+    /// key's data once they hold the new set. The answer to a stolen secrets file.
+    Rotate(PassphraseArgs),
 }
 
 /// `obnam passphrase change`.

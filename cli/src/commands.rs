@@ -1,8 +1,8 @@
 //! One function per command: build the request, send it, print the reply.
 
 use crate::args::{
-    BackupArgs, ChangeArgs, Cli, Command, Global, IndexCommand, InitArgs, LsArgs, PassphraseArgs,
-    PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs,
+    BackupArgs, ChangeArgs, Cli, Command, Global, IndexCommand, InitArgs, KeysCommand, LsArgs,
+    PassphraseArgs, PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs,
 };
 use crate::exit;
 use crate::output::{self, Reporter, bytes, print_json, time};
@@ -113,6 +113,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Status => status(&g),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
         Command::Passphrase(PassphraseCommand::Change(a)) => change(&g, a),
+        Command::Keys(KeysCommand::Rotate(a)) => rotate(&g, a),
         Command::Peer(PeerCommand::Add(a)) => peer_add(&g, a),
         Command::Index(IndexCommand::Rebuild) => {
             recovered(&g, Request::IndexRebuild, "rebuilding the index")
@@ -163,6 +164,46 @@ fn check(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
                 print_json(&json!({"ok": true, "name": name}));
             } else {
                 println!("The passphrase is right for owner {name:?}.");
+            }
+            Ok(exit::OK)
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+fn rotate(g: &Global, a: PassphraseArgs) -> Result<u8, Failure> {
+    let passphrase = passphrase(a.passphrase_file.as_deref(), false)?;
+    match call(
+        g,
+        Request::RotateKeys { passphrase },
+        "re-encrypting every snapshot",
+    )? {
+        Reply::KeysRotated {
+            old_owner,
+            new_owner,
+            snapshots,
+            new_bytes,
+            stored_bytes,
+        } => {
+            if g.json {
+                print_json(&json!({
+                    "old_owner": old_owner.to_hex(), "new_owner": new_owner.to_hex(),
+                    "snapshots": snapshots, "new_bytes": new_bytes, "stored_bytes": stored_bytes,
+                }));
+            } else {
+                println!(
+                    "{snapshots} snapshots re-encrypted under a new key ({} sealed again, {} stored)",
+                    bytes(new_bytes),
+                    bytes(stored_bytes)
+                );
+                println!(
+                    "owner key {} replaces {}",
+                    new_owner.short(),
+                    old_owner.short()
+                );
+                println!(
+                    "friends delete the old key's data once they hold the new set; `obnam status` shows who is left"
+                );
             }
             Ok(exit::OK)
         }
@@ -461,7 +502,7 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "backup_running": s.backup_running, "friends": s.friends, "friends_online": s.friends_online,
             "replicas": s.replicas, "replicated_to": s.replicated_to, "under_replicated": s.under_replicated,
             "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
-            "slot_pending": s.slot_pending,
+            "slot_pending": s.slot_pending, "rotation_pending": s.rotation_pending,
         }));
     } else {
         println!("data directory: {}", s.data_dir);
@@ -510,6 +551,9 @@ fn status(g: &Global) -> Result<u8, Failure> {
             bytes(s.hosted_bytes),
             s.hosted_owners
         );
+        for r in &s.rotation_pending {
+            println!("key rotation:   waiting for {r}");
+        }
     }
     Ok(exit::OK)
 }

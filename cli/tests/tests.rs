@@ -7,4 +7,5 @@ mod errors;
 mod friends;
 mod one_node;
 mod recovery;
+mod rotation;
 mod strangers;

@@ -152,48 +152,14 @@ pub fn backup(
         req.exclude_caches,
         std::slice::from_ref(&repo.paths.data),
     )?;
-    let keys = Arc::new(owner.keys);
+    let keys = owner.keys;
     let started = now_ns();
-    let threads = repo.config.seal_threads();
-    let shared = Arc::new(Shared {
-        pending: Mutex::new(HashSet::new()),
-        abort: AtomicBool::new(false),
-    });
-
-    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let (sealed_tx, sealed_rx) = sync_channel::<Result<SealedChunk, NodeError>>(threads * 2);
-    let (pack_tx, pack_rx) = sync_channel::<FinishedPack>(repo.config.packs_in_flight.max(1));
-
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let rx = Arc::clone(&job_rx);
-            let tx = sealed_tx.clone();
-            let keys = Arc::clone(&keys);
-            let level = repo.config.zstd_level;
-            s.spawn(move || seal_worker(&keys, level, &rx, &tx));
-        }
-        drop(sealed_tx);
-        // Only the workers hold the job receiver: when they all stop (because the packer or the
-        // writer failed), the walker's next send fails instead of blocking forever.
-        drop(job_rx);
-        let packer = {
-            let keys = Arc::clone(&keys);
-            let shared = Arc::clone(&shared);
-            s.spawn(move || packer(&keys, sealed_rx, pack_tx, &shared))
-        };
-        let writer = {
-            let shared = Arc::clone(&shared);
-            s.spawn(move || writer(repo, pack_rx, &shared))
-        };
+    let outcome = with_pipeline(repo, &keys, params, |sink| {
         let mut walker = Walker {
             repo,
-            keys: &keys,
-            params,
+            sink,
             excluder: &excluder,
             events,
-            jobs: Some(job_tx),
-            shared: &shared,
             one_file_system: req.one_file_system,
             force: req.force,
             cache_puts: Vec::new(),
@@ -205,66 +171,181 @@ pub fn backup(
             files: 0,
             dirs: 0,
             bytes: 0,
-            new_bytes: 0,
             problems: Vec::new(),
             last_progress: Instant::now(),
         };
         let walked = walker.run(&roots);
         walker.flush_cache();
-        let walked = walked.map(|root| {
-            let record = SnapshotRecord {
-                time_ns: started,
-                host: nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                paths: roots
-                    .iter()
-                    .map(|p| ByteBuf::from(p.as_os_str().as_bytes().to_vec()))
-                    .collect(),
-                tags: req.tags.clone(),
-                root,
-                files: walker.files,
-                dirs: walker.dirs,
-                bytes: walker.bytes,
-                failed_files: walker.problems.len() as u64,
-                chunker: params,
-            };
-            // The record travels sealed inside the signed head, not in a pack, so an unchanged
-            // backup adds no pack. Its id is the keyed hash of its encoding.
-            let id = keys.chunk_id(&record.to_bytes());
-            (SnapshotId::from(id), record)
-        });
+        let root = walked?;
+        let record = SnapshotRecord {
+            time_ns: started,
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            paths: roots
+                .iter()
+                .map(|p| ByteBuf::from(p.as_os_str().as_bytes().to_vec()))
+                .collect(),
+            tags: req.tags.clone(),
+            root,
+            files: walker.files,
+            dirs: walker.dirs,
+            bytes: walker.bytes,
+            failed_files: walker.problems.len() as u64,
+            chunker: params,
+        };
+        Ok((
+            record,
+            walker.cached_files,
+            std::mem::take(&mut walker.problems),
+        ))
+    })?;
+    let ((record, cached_files, problems), new_bytes, stored_bytes) = outcome;
+    // The record travels sealed inside the signed head, not in a pack, so an unchanged backup
+    // adds no pack. Its id is the keyed hash of its encoding.
+    let id = SnapshotId::from(keys.chunk_id(&record.to_bytes()));
+    let head_seq = repo.commit_snapshot(&keys, id, &record)?;
+    tracing::info!(snapshot = %id, files = record.files, bytes = record.bytes, new_bytes, stored_bytes, "backup done");
+    Ok(BackupReport {
+        snapshot: id,
+        files: record.files,
+        failed_files: record.failed_files,
+        bytes: record.bytes,
+        new_bytes,
+        cached_files,
+        stored_bytes,
+        replicas: 0,
+        problems,
+        sent_bytes: 0,
+        head_seq,
+        pending: Vec::new(),
+    })
+}
+
+/// Runs `body` with a [`Sink`] that feeds the pipeline (seal workers, packer, pack writer), then
+/// closes the pipeline and waits until every pack is durable and indexed. Returns what `body`
+/// returned, the plaintext bytes of new chunks, and the sealed bytes written to the outbox.
+///
+/// # Errors
+/// The first error of `body` or of a pipeline stage.
+pub(crate) fn with_pipeline<T>(
+    repo: &Repo,
+    keys: &Keys,
+    params: ChunkerParams,
+    body: impl FnOnce(&mut Sink<'_>) -> Result<T, NodeError>,
+) -> Result<(T, u64, u64), NodeError> {
+    let threads = repo.config.seal_threads();
+    let shared = Shared {
+        pending: Mutex::new(HashSet::new()),
+        abort: AtomicBool::new(false),
+    };
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (sealed_tx, sealed_rx) = sync_channel::<Result<SealedChunk, NodeError>>(threads * 2);
+    let (pack_tx, pack_rx) = sync_channel::<FinishedPack>(repo.config.packs_in_flight.max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            let tx = sealed_tx.clone();
+            let level = repo.config.zstd_level;
+            s.spawn(move || seal_worker(keys, level, &rx, &tx));
+        }
+        drop(sealed_tx);
+        // Only the workers hold the job receiver: when they all stop (because the packer or the
+        // writer failed), the producer's next send fails instead of blocking forever.
+        drop(job_rx);
+        let shared = &shared;
+        let packer = s.spawn(move || packer(keys, sealed_rx, pack_tx, shared));
+        let writer = s.spawn(move || writer(repo, pack_rx, shared));
+        let mut sink = Sink {
+            repo,
+            keys,
+            params,
+            jobs: Some(job_tx),
+            shared,
+            new_bytes: 0,
+        };
+        let produced = body(&mut sink);
         // Close the pipeline and wait for every pack to be durable and indexed.
-        walker.jobs = None;
+        let new_bytes = sink.new_bytes;
+        drop(sink);
         let packed = packer
             .join()
             .unwrap_or_else(|_| Err(NodeError::Key("the packer thread panicked".into())));
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(NodeError::Key("the pack writer thread panicked".into())));
-        let stored_bytes = match (walked, packed, written) {
-            (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
-            (Err(e), _, _) => return Err(e),
-            (Ok(done), Ok(()), Ok(stored)) => (done, stored),
-        };
-        let ((id, record), stored_bytes) = stored_bytes;
-        let head_seq = repo.commit_snapshot(&keys, id, &record)?;
-        tracing::info!(snapshot = %id, files = record.files, bytes = record.bytes, new_bytes = walker.new_bytes, stored_bytes, "backup done");
-        Ok(BackupReport {
-            snapshot: id,
-            files: record.files,
-            failed_files: record.failed_files,
-            bytes: record.bytes,
-            new_bytes: walker.new_bytes,
-            cached_files: walker.cached_files,
-            stored_bytes,
-            replicas: 0,
-            problems: std::mem::take(&mut walker.problems),
-            sent_bytes: 0,
-            head_seq,
-            pending: Vec::new(),
-        })
+        match (produced, packed, written) {
+            (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+            (Err(e), _, _) => Err(e),
+            (Ok(out), Ok(()), Ok(stored)) => Ok((out, new_bytes, stored)),
+        }
     })
+}
+
+/// Where producers put plaintext: chunks it, hashes, deduplicates (against the index and the
+/// chunks on their way to disk) and hands new chunks to the seal workers.
+pub(crate) struct Sink<'a> {
+    repo: &'a Repo,
+    keys: &'a Keys,
+    params: ChunkerParams,
+    jobs: Option<SyncSender<Job>>,
+    shared: &'a Shared,
+    new_bytes: u64,
+}
+
+impl Sink<'_> {
+    /// Whether a chunk is indexed or on its way to disk.
+    pub(crate) fn known(&self, id: &ChunkId) -> Result<bool, NodeError> {
+        if self.shared.pending().contains(id) {
+            return Ok(true);
+        }
+        Ok(self.repo.store.chunk(id)?.is_some())
+    }
+
+    /// Whether a pipeline stage failed.
+    fn aborted(&self) -> bool {
+        self.shared.abort.load(Ordering::Relaxed)
+    }
+
+    fn submit(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), NodeError> {
+        if self.known(&id)? {
+            return Ok(());
+        }
+        self.shared.pending().insert(id);
+        self.new_bytes += data.len() as u64;
+        let jobs = self.jobs.as_ref().ok_or_else(aborted)?;
+        jobs.send(Job { id, data }).map_err(|_| aborted())
+    }
+
+    /// Chunks everything `reader` yields; returns the chunk ids and the byte count.
+    pub(crate) fn ingest(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), IngestError> {
+        let mut ids = Vec::new();
+        let mut size = 0u64;
+        for chunk in chunker::chunks(reader, &self.params, self.keys.gear_seed()) {
+            if self.aborted() {
+                return Err(IngestError::Abort(aborted()));
+            }
+            let chunk = chunk.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => IngestError::Read(io),
+                other => IngestError::Read(std::io::Error::other(other.to_string())),
+            })?;
+            let id = self.keys.chunk_id(&chunk.data);
+            size += chunk.data.len() as u64;
+            self.submit(id, chunk.data).map_err(IngestError::Abort)?;
+            ids.push(id);
+        }
+        Ok((ids, size))
+    }
+
+    /// Chunks an in-memory blob (a tree).
+    pub(crate) fn ingest_blob(&mut self, bytes: &[u8]) -> Result<Vec<ChunkId>, NodeError> {
+        match self.ingest(bytes) {
+            Ok((ids, _)) => Ok(ids),
+            Err(IngestError::Read(e)) => Err(NodeError::io("chunking a tree", e)),
+            Err(IngestError::Abort(e)) => Err(e),
+        }
+    }
 }
 
 fn seal_worker(
@@ -399,19 +480,16 @@ struct Trie {
     children: BTreeMap<Vec<u8>, Trie>,
 }
 
-enum IngestError {
+pub(crate) enum IngestError {
     Read(std::io::Error),
     Abort(NodeError),
 }
 
-struct Walker<'a> {
+struct Walker<'a, 's> {
     repo: &'a Repo,
-    keys: &'a Keys,
-    params: ChunkerParams,
+    sink: &'a mut Sink<'s>,
     excluder: &'a Excluder,
     events: &'a dyn Events,
-    jobs: Option<SyncSender<Job>>,
-    shared: &'a Shared,
     one_file_system: bool,
     force: bool,
     cache_puts: Vec<(Vec<u8>, DirCache)>,
@@ -423,7 +501,6 @@ struct Walker<'a> {
     files: u64,
     dirs: u64,
     bytes: u64,
-    new_bytes: u64,
     problems: Vec<FileProblem>,
     last_progress: Instant,
 }
@@ -435,7 +512,7 @@ fn aborted() -> NodeError {
     }
 }
 
-impl Walker<'_> {
+impl Walker<'_, '_> {
     fn run(&mut self, roots: &[PathBuf]) -> Result<Vec<ChunkId>, NodeError> {
         let mut trie = Trie::default();
         for r in roots {
@@ -486,7 +563,7 @@ impl Walker<'_> {
                 tree.entries.push(e);
             }
         }
-        self.ingest_blob(&tree.to_bytes())
+        self.sink.ingest_blob(&tree.to_bytes())
     }
 
     fn problem(&mut self, path: &Path, error: impl std::fmt::Display) {
@@ -525,7 +602,7 @@ impl Walker<'_> {
         };
         let mut tree = Tree::default();
         for name in names {
-            if self.shared.abort.load(Ordering::Relaxed) {
+            if self.sink.aborted() {
                 return Err(aborted());
             }
             let path = dir.join(&name);
@@ -550,7 +627,7 @@ impl Walker<'_> {
             }
         }
         self.save_cache(key, cache);
-        self.ingest_blob(&tree.to_bytes()).map(Some)
+        self.sink.ingest_blob(&tree.to_bytes()).map(Some)
     }
 
     /// Queues a directory's new file-cache record if it changed, and the removal of the
@@ -613,7 +690,7 @@ impl Walker<'_> {
             return Ok(None);
         };
         for c in chunks {
-            if !self.known(c)? {
+            if !self.sink.known(c)? {
                 return Ok(None);
             }
         }
@@ -652,7 +729,7 @@ impl Walker<'_> {
                 }
                 if self.one_file_system && meta.dev() != root_dev {
                     // A mount point: kept as an empty directory, as restic and borg do.
-                    e.content = self.ingest_blob(&Tree::default().to_bytes())?;
+                    e.content = self.sink.ingest_blob(&Tree::default().to_bytes())?;
                 } else {
                     match self.walk_dir(path, root_dev)? {
                         Some(c) => e.content = c,
@@ -754,7 +831,7 @@ impl Walker<'_> {
                 return Ok(false);
             }
         };
-        match self.ingest(file) {
+        match self.sink.ingest(file) {
             Ok((content, size)) => {
                 e.content = content;
                 e.size = size;
@@ -778,50 +855,6 @@ impl Walker<'_> {
                 total_bytes: None,
                 current: path.display().to_string(),
             }));
-        }
-    }
-
-    fn known(&self, id: &ChunkId) -> Result<bool, NodeError> {
-        if self.shared.pending().contains(id) {
-            return Ok(true);
-        }
-        Ok(self.repo.store.chunk(id)?.is_some())
-    }
-
-    fn submit(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), NodeError> {
-        if self.known(&id)? {
-            return Ok(());
-        }
-        self.shared.pending().insert(id);
-        self.new_bytes += data.len() as u64;
-        let jobs = self.jobs.as_ref().ok_or_else(aborted)?;
-        jobs.send(Job { id, data }).map_err(|_| aborted())
-    }
-
-    fn ingest(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), IngestError> {
-        let mut ids = Vec::new();
-        let mut size = 0u64;
-        for chunk in chunker::chunks(reader, &self.params, self.keys.gear_seed()) {
-            if self.shared.abort.load(Ordering::Relaxed) {
-                return Err(IngestError::Abort(aborted()));
-            }
-            let chunk = chunk.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => IngestError::Read(io),
-                other => IngestError::Read(std::io::Error::other(other.to_string())),
-            })?;
-            let id = self.keys.chunk_id(&chunk.data);
-            size += chunk.data.len() as u64;
-            self.submit(id, chunk.data).map_err(IngestError::Abort)?;
-            ids.push(id);
-        }
-        Ok((ids, size))
-    }
-
-    fn ingest_blob(&mut self, bytes: &[u8]) -> Result<Vec<ChunkId>, NodeError> {
-        match self.ingest(bytes) {
-            Ok((ids, _)) => Ok(ids),
-            Err(IngestError::Read(e)) => Err(NodeError::io("chunking a tree", e)),
-            Err(IngestError::Abort(e)) => Err(e),
         }
     }
 }

@@ -284,6 +284,18 @@ async fn dispatch(
             .await
             .inspect(|_| daemon.replicator.wake())
         }
+        Request::RotateKeys { passphrase } => {
+            let _guard = daemon.backup_lock.lock().await;
+            let r = blocking(move || crate::rotate::rotate(&repo, &passphrase)).await?;
+            daemon.replicator.wake();
+            Ok(Reply::KeysRotated {
+                old_owner: r.old,
+                new_owner: r.new,
+                snapshots: r.snapshots,
+                new_bytes: r.new_bytes,
+                stored_bytes: r.stored_bytes,
+            })
+        }
         Request::ChangePassphrase { old, new, weak_ok } => {
             let d = Arc::clone(daemon);
             blocking(move || {
@@ -396,6 +408,7 @@ async fn dispatch(
                     hosted_owners: hosted.len() as u64,
                     hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
                     slot_pending,
+                    rotation_pending: d.replicator.rotation_pending()?,
                 }))
             })
             .await

@@ -273,7 +273,9 @@ pub fn write_recovered(
 }
 
 fn write_secrets(path: &Path, file: &SecretsFile) -> Result<(), NodeError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let bytes = Zeroizing::new(file.to_bytes());
     let ctx = || format!("writing secrets file {}", path.display());
@@ -356,6 +358,57 @@ pub fn change_passphrase(path: &Path, old: &str, new: &str) -> Result<Owner, Nod
         lookup: stretched.lookup,
         keys: Keys::derive(&master),
     })
+}
+
+/// Where `keys rotate` keeps the next master secret until the switch.
+pub fn next_path(secrets: &Path) -> std::path::PathBuf {
+    secrets.with_file_name("secrets.next")
+}
+
+/// Where the retired owner's secrets stay until every friend has deleted its data.
+pub fn retired_path(secrets: &Path) -> std::path::PathBuf {
+    secrets.with_file_name("secrets.retired")
+}
+
+/// The next owner for `keys rotate`: a new master secret (or the one a rotation that was
+/// interrupted left in `secrets.next`), wrapped under `passphrase`, written to `secrets.next`
+/// before any data is sealed with it.
+///
+/// # Errors
+/// I/O and key errors.
+pub fn prepare_next(secrets: &Path, passphrase: &str) -> Result<Owner, NodeError> {
+    let file = load_secrets(secrets)?;
+    let next = next_path(secrets);
+    let master = if next.exists() {
+        MasterSecret::from_slice(&load_secrets(&next)?.master)?
+    } else {
+        MasterSecret::generate()
+    };
+    let stretched = stretch(passphrase, &file.name, SLOT_VERSION)?;
+    let slot = wrap(&master, &stretched)?.to_bytes();
+    write_secrets(
+        &next,
+        &SecretsFile {
+            name: file.name.clone(),
+            master: master.0.to_vec(),
+            slot: slot.clone(),
+            lookup: stretched.lookup,
+        },
+    )?;
+    Ok(Owner {
+        name: file.name,
+        slot,
+        lookup: stretched.lookup,
+        keys: Keys::derive(&master),
+    })
+}
+
+/// Copies a secrets file (mode 0400, durable).
+///
+/// # Errors
+/// As [`load_secrets`], and I/O errors.
+pub fn copy_secrets(from: &Path, to: &Path) -> Result<(), NodeError> {
+    write_secrets(to, &load_secrets(from)?)
 }
 
 /// Checks a passphrase against the slot in the secrets file.

@@ -41,6 +41,7 @@ pub mod recover;
 pub mod replication;
 pub mod repo;
 pub mod restore;
+pub mod rotate;
 pub mod seal;
 pub mod serve;
 #[cfg(feature = "testing")]

@@ -8,7 +8,10 @@
 //! 2. for each member, in parallel: proves the owner key if asked, pushes the key slot if the
 //!    friend lacks it, streams every outbox pack the friend does not hold, and then the head
 //!    (only once the friend holds every pack);
-//! 3. removes from the outbox the packs that `replicas` friends hold.
+//! 3. removes from the outbox the packs that `replicas` friends hold;
+//! 4. while a key rotation retires the old owner key ([`crate::rotate`]) and the replica set
+//!    holds everything of the new key: sends every friend a successor statement, and once all
+//!    have switched, a delete-owner request; then forgets the old key.
 //!
 //! Its state is durable (outbox, placements, peer state in redb), so a restart loses nothing:
 //! the next round carries on. Progress is published on a watch channel, which `obnam backup`
@@ -21,7 +24,7 @@ use crate::peers::{self, Upload};
 use crate::repo::Repo;
 use libp2p::{Multiaddr, PeerId};
 use obnam_protocol::local::Friend;
-use obnam_protocol::msg::{ErrorCode, Request, Response};
+use obnam_protocol::msg::{ErrorCode, Request, Response, SuccessorStatement};
 use obnam_protocol::snapshot::SignedHead;
 use serde_bytes::ByteBuf;
 use std::collections::{HashMap, HashSet};
@@ -30,6 +33,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
+
+const META_RETIRE: &str = "retire-state";
+
+/// Which friends switched to the new owner key, and which deleted the old key's data.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RetireState {
+    switched: Vec<ByteBuf>,
+    deleted: Vec<ByteBuf>,
+}
 
 /// How far replication is for one head.
 #[derive(Debug, Clone, Default)]
@@ -273,7 +285,164 @@ impl Replicator {
                 .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner), true));
             futures::future::join_all(work).await;
         }
-        self.evict(&friends)
+        self.evict(&friends)?;
+        self.retire(&owner, &friends).await
+    }
+
+    fn retire_state(&self) -> Result<RetireState, NodeError> {
+        match self.repo.store.meta(META_RETIRE)? {
+            None => Ok(RetireState::default()),
+            Some(b) => {
+                obnam_protocol::codec::decode_bounded("retire state", &b, 1 << 20).map_err(|e| {
+                    NodeError::Corrupt {
+                        what: "retire state".into(),
+                        source: e,
+                    }
+                })
+            }
+        }
+    }
+
+    /// Friends that still hold the retiring key's data (empty when no rotation is retiring).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn rotation_pending(&self) -> Result<Vec<String>, NodeError> {
+        if !crate::rotate::retiring(&self.repo.paths) {
+            return Ok(Vec::new());
+        }
+        let state = self.retire_state()?;
+        Ok(self
+            .repo
+            .store
+            .friends()?
+            .into_iter()
+            .filter(|f| {
+                !state
+                    .deleted
+                    .iter()
+                    .any(|d| d.as_ref() == f.peer_id.as_slice())
+            })
+            .map(|f| {
+                let switched = state
+                    .switched
+                    .iter()
+                    .any(|d| d.as_ref() == f.peer_id.as_slice());
+                let step = if switched {
+                    "to delete the old key's data"
+                } else {
+                    "to switch to the new key"
+                };
+                format!(
+                    "{} {}: {step}",
+                    f.name,
+                    peer_of(&f).map(|p| p.to_string()).unwrap_or_default()
+                )
+            })
+            .collect())
+    }
+
+    /// Phase 3 of a key rotation; see [`crate::rotate`].
+    async fn retire(&self, owner: &Owner, friends: &[Friend]) -> Result<(), NodeError> {
+        let secrets = self.repo.paths.secrets();
+        if !crate::rotate::retiring(&self.repo.paths) {
+            return Ok(());
+        }
+        let seq = self
+            .repo
+            .store
+            .own_head()?
+            .and_then(|h| SignedHead::verify(&h, &owner.keys.owner_id()).ok())
+            .map(|(_, h)| h.seq)
+            .unwrap_or(0);
+        let health = self.health(seq)?;
+        if health.target == 0 || health.holders < health.target {
+            // The new set is not complete yet: the old one stays.
+            return Ok(());
+        }
+        let old = crate::keys::load_owner(&crate::keys::retired_path(&secrets))?;
+        let old_id = old.keys.owner_id();
+        let new_id = owner.keys.owner_id();
+        let mut state = self.retire_state()?;
+        let has =
+            |list: &[ByteBuf], f: &Friend| list.iter().any(|d| d.as_ref() == f.peer_id.as_slice());
+        let statement = SuccessorStatement {
+            old: old_id,
+            new: new_id,
+            lookup: owner.lookup,
+            slot: ByteBuf::from(owner.slot.clone()),
+            signature: old
+                .keys
+                .sign(
+                    obnam_protocol::signed::CONTEXT_SUCCESSOR,
+                    &SuccessorStatement::payload(&old_id, &new_id, &owner.lookup, &owner.slot),
+                )
+                .to_vec(),
+        };
+        let todo: Vec<&Friend> = friends
+            .iter()
+            .filter(|f| !has(&state.switched, f))
+            .collect();
+        for f in todo {
+            let Some(peer) = peer_of(f) else { continue };
+            match self
+                .retire_request(peer, Request::Successor(statement.clone()))
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(%peer, old = %old_id.short(), "friend switched to the new owner key");
+                    state.switched.push(ByteBuf::from(f.peer_id.clone()));
+                }
+                Err(e) => self.note_error(peer, e.full_message()),
+            }
+        }
+        self.save_retire_state(&state)?;
+        if friends.iter().any(|f| !has(&state.switched, f)) {
+            // Every friend must hand out the new slot before any deletes the old data.
+            return Ok(());
+        }
+        let todo: Vec<&Friend> = friends.iter().filter(|f| !has(&state.deleted, f)).collect();
+        for f in todo {
+            let Some(peer) = peer_of(f) else { continue };
+            match self
+                .retire_request(peer, Request::DeleteOwner { owner: old_id })
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(%peer, old = %old_id.short(), "friend deleted the old owner key's data");
+                    state.deleted.push(ByteBuf::from(f.peer_id.clone()));
+                }
+                Err(e) => self.note_error(peer, e.full_message()),
+            }
+        }
+        self.save_retire_state(&state)?;
+        if friends.iter().all(|f| has(&state.deleted, f)) {
+            std::fs::remove_file(crate::keys::retired_path(&secrets))
+                .map_err(|e| NodeError::io("removing the retired key", e))?;
+            crate::outbox::sync_dir(&self.repo.paths.data)?;
+            self.repo.store.remove_meta(META_RETIRE)?;
+            tracing::warn!(old = %old_id.short(), "key rotation complete: no friend holds data under the old key");
+            // The slot goes out again as usual.
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// One retirement request; a friend that never stored the old key counts as done.
+    async fn retire_request(&self, peer: PeerId, req: Request) -> Result<(), NodeError> {
+        match self.net.request(peer, req).await? {
+            Response::Ok => Ok(()),
+            Response::Error(e) if e.code == ErrorCode::NotFound => Ok(()),
+            Response::Error(e) => Err(crate::serve::wire_error(&peer, &e)),
+            other => Err(NodeError::Net(format!("{peer} answered {other:?}"))),
+        }
+    }
+
+    fn save_retire_state(&self, state: &RetireState) -> Result<(), NodeError> {
+        self.repo
+            .store
+            .set_meta(META_RETIRE, &obnam_protocol::codec::encode(state))?;
+        Ok(())
     }
 
     async fn sync_friend(&self, f: Friend, owner: Arc<Owner>, data: bool) {
@@ -328,7 +497,9 @@ impl Replicator {
         let keys = &owner.keys;
         let owner_id = keys.owner_id();
         let state = store.peer_state(&f.peer_id)?;
-        if !state.slot_pushed {
+        // While the old key retires, the slot's lookup id is still filed for it at friends; the
+        // successor statement moves it.
+        if !state.slot_pushed && !crate::rotate::retiring(&self.repo.paths) {
             let req = Request::PutSlot {
                 owner: owner_id,
                 lookup: owner.lookup,

@@ -97,6 +97,8 @@ impl Repo {
             tracing::error!(path = %db.display(), "the index database is missing");
             problem = Some(format!("{} is missing", db.display()));
         }
+        // A key rotation that switched its tables but not yet its files finishes first.
+        crate::rotate::finish_switch(&paths, &store)?;
         let outbox = Outbox::open(paths.outbox())?;
         let cache_dir = paths.data.join("cache").join("shared");
         Ok(Self {
@@ -108,6 +110,18 @@ impl Repo {
             index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
             cache_dir,
         })
+    }
+
+    /// The next key generation that `keys rotate` builds: the same database through its `next`
+    /// tables, and the `outbox-next` directory.
+    ///
+    /// # Errors
+    /// I/O errors creating the outbox.
+    pub fn next_generation(&self) -> Result<Repo, NodeError> {
+        let mut r = self.with_private_cache();
+        r.store = self.store.next_generation();
+        r.outbox = Outbox::open(crate::rotate::next_outbox(&self.paths))?;
+        Ok(r)
     }
 
     /// A handle whose fetched packs go to a cache of its own, removed by [`Repo::clear_cache`]

@@ -65,6 +65,11 @@ pub enum Request {
         /// Accept a new passphrase that the strength check rejects.
         weak_ok: bool,
     },
+    /// `obnam keys rotate`.
+    RotateKeys {
+        /// The current passphrase (it wraps the new master secret too).
+        passphrase: String,
+    },
 }
 
 /// The result of a recovery or an index rebuild.
@@ -272,6 +277,19 @@ pub enum Reply {
         /// Friends that still hold the old slot until they are reached.
         pending: Vec<String>,
     },
+    /// For [`Request::RotateKeys`].
+    KeysRotated {
+        /// The retired owner key.
+        old_owner: OwnerId,
+        /// The new owner key.
+        new_owner: OwnerId,
+        /// Snapshots re-encrypted.
+        snapshots: u64,
+        /// Plaintext bytes sealed again.
+        new_bytes: u64,
+        /// Sealed bytes written to the outbox.
+        stored_bytes: u64,
+    },
 }
 
 /// The node's identity.
@@ -429,6 +447,9 @@ pub struct StatusReply {
     /// Friends that do not hold our current key slot yet (after a passphrase change, they still
     /// hold the old one).
     pub slot_pending: Vec<String>,
+    /// While a key rotation retires the old key: the friends that have not yet switched to the
+    /// new key or deleted the old key's data.
+    pub rotation_pending: Vec<String>,
 }
 
 /// Encodes a frame: length prefix and postcard body.
