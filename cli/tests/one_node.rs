@@ -635,3 +635,37 @@ fn the_file_cache_skips_unchanged_files_and_sees_every_change() -> TestResult {
     assert_eq!(forced["files"], 2, "{forced}");
     Ok(())
 }
+
+#[test]
+fn keys_rotate_without_friends_re_encrypts_in_place() -> TestResult {
+    let f = Fixture::ready()?;
+    let src = f.path("src");
+    write(&src.join("a.txt"), b"alpha");
+    write(&src.join("b.bin"), &noise(200_000, 9));
+    f.node.backup(&[&src], &[], 0)?;
+    write(&src.join("c.txt"), b"gamma");
+    f.node.backup(&[&src], &[], 0)?;
+    let secrets = f.node.data_dir.join("secrets");
+    let old_secrets = std::fs::read(&secrets)?;
+    let r = f.node.json(&["keys", "rotate"], 0)?;
+    assert_eq!(r["snapshots"], 2, "{r}");
+    assert_ne!(r["old_owner"], r["new_owner"]);
+    assert_ne!(std::fs::read(&secrets)?, old_secrets);
+    assert!(!f.node.data_dir.join("secrets.retired").exists());
+    assert!(!f.node.data_dir.join("secrets.next").exists());
+    assert!(!f.node.data_dir.join("outbox-next").exists());
+    let snaps = f.node.json(&["snapshots"], 0)?;
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    for (i, snap) in snaps.as_array().unwrap().iter().enumerate() {
+        let target = f.path(&format!("restore-{i}"));
+        let id = snap["id"].as_str().unwrap();
+        f.node
+            .json(&["restore", id, "--target", target.to_str().unwrap()], 0)?;
+        let out = restored(&target, &src);
+        assert_eq!(std::fs::read(out.join("b.bin"))?, noise(200_000, 9));
+        assert_eq!(out.join("c.txt").exists(), i == 1);
+    }
+    // The passphrase still opens the (new) key slot.
+    f.node.json(&["passphrase", "check"], 0)?;
+    Ok(())
+}

@@ -131,6 +131,11 @@ pub fn rotate(repo: &Repo, passphrase: &str) -> Result<Rotated, NodeError> {
     keys::copy_secrets(&secrets, &keys::retired_path(&secrets))?;
     repo.store.switch_generation(&[(META_SWITCHING, b"1")])?;
     finish_switch(&repo.paths, &repo.store)?;
+    if repo.store.friends()?.is_empty() {
+        // Nobody holds data under the old key: there is nothing to retire.
+        std::fs::remove_file(keys::retired_path(&secrets))
+            .map_err(|e| NodeError::io("removing the retired key", e))?;
+    }
     tracing::warn!(old = %old.keys.owner_id().short(), new = %new.keys.owner_id().short(), snapshots, "keys rotated; the old key's data is deleted at friends once they hold the new set");
     Ok(Rotated {
         old: old.keys.owner_id(),
