@@ -356,13 +356,19 @@ impl Replicator {
             .map(|(_, h)| h.seq)
             .unwrap_or(0);
         let health = self.health(seq)?;
-        if health.target == 0 || health.holders < health.target {
+        if health.replicas > 0 && (health.target == 0 || health.holders < health.target) {
             // The new set is not complete yet: the old one stays.
             return Ok(());
         }
         let old = crate::keys::load_owner(&crate::keys::retired_path(&secrets))?;
         let old_id = old.keys.owner_id();
         let new_id = owner.keys.owner_id();
+        if old_id == new_id {
+            // A rotation stopped before its switch: the "retired" key is the current one, and
+            // retiring it would delete this owner's data. The next `keys rotate` clears it.
+            tracing::error!(owner = %old_id.short(), "secrets.retired holds the current key (an interrupted rotation); not retiring it; run `obnam keys rotate` again");
+            return Ok(());
+        }
         let mut state = self.retire_state()?;
         let has =
             |list: &[ByteBuf], f: &Friend| list.iter().any(|d| d.as_ref() == f.peer_id.as_slice());

@@ -8,8 +8,9 @@
 //!    keys and chunked, sealed and packed again under the new ones, into the store's `next`
 //!    tables and `outbox-next/`. New chunk ids and boundaries come from the new keys, so the
 //!    next backup deduplicates against the rotated data. A memo (old tree or file → new chunks)
-//!    skips what earlier snapshots already rewrote; its entries count only once their snapshot
-//!    was committed, so an interrupted build resumes where it stopped.
+//!    skips what earlier snapshots already rewrote. Entries carry the stamp of their run; a
+//!    stamp counts once its snapshot was committed, and entries of an interrupted run are
+//!    pruned when the build resumes where it stopped.
 //! 2. **Switch** (one redb transaction, then renames). `secrets.retired` gets the old key, the
 //!    `next` tables replace the current ones with a `rotation-switching` marker, then
 //!    `outbox-next/` becomes `outbox/` and `secrets.next` becomes `secrets`. [`finish_switch`]
@@ -72,17 +73,29 @@ pub fn retiring(paths: &Paths) -> bool {
 pub fn rotate(repo: &Repo, passphrase: &str) -> Result<Rotated, NodeError> {
     let secrets = repo.paths.secrets();
     keys::check_passphrase(&secrets, passphrase)?;
+    // A lost or damaged index would rotate nothing, and the retirement would then delete the
+    // old data at friends.
+    repo.check_index()?;
+    let old = repo.owner()?;
+    let retired = keys::retired_path(&secrets);
+    if retired.exists() && keys::load_owner(&retired)?.keys.owner_id() == old.keys.owner_id() {
+        // Left by a rotation interrupted before its switch: the current key is not retiring.
+        std::fs::remove_file(&retired)
+            .map_err(|e| NodeError::io("removing a stale secrets.retired", e))?;
+    }
     if retiring(&repo.paths) {
         return Err(NodeError::Usage(
             "the previous key rotation is still deleting the old key's data at friends (see `obnam status`); rotate again when it is done".into(),
         ));
     }
-    let old = repo.owner()?;
     let new = keys::prepare_next(&secrets, passphrase)?;
     let next = repo.next_generation()?;
     next.adopt_orphans(&new.keys)?;
     let src = repo.with_private_cache();
-    let valid = meta_u64(&repo.store, META_VALID)?;
+    let mut valid = meta_u64(&repo.store, META_VALID)?;
+    // Entries of an interrupted run may name chunks that never reached the disk (a tree's chunk
+    // can be packed before its children's): forget them.
+    repo.store.prune_memos(valid)?;
     let mut snapshots = 0;
     let (mut new_bytes, mut stored_bytes) = (0, 0);
     for (old_id, record) in repo.store.snapshots()? {
@@ -123,6 +136,7 @@ pub fn rotate(repo: &Repo, passphrase: &str) -> Result<Rotated, NodeError> {
         repo.store
             .put_memos(stamp, &[(done_key, new_id.as_bytes().to_vec())])?;
         repo.store.set_meta(META_VALID, &stamp.to_le_bytes())?;
+        valid = stamp;
         src.clear_cache();
         snapshots += 1;
         tracing::info!(old = %old_id.short(), new = %new_id.short(), "snapshot re-encrypted under the new key");
@@ -179,6 +193,8 @@ pub fn finish_switch(paths: &Paths, store: &Store) -> Result<(), NodeError> {
         std::fs::rename(&next_secrets, &secrets).map_err(|e| io("installing the new key", e))?;
         crate::outbox::sync_dir(&paths.data)?;
     }
+    // A takeover statement signed with the old key means nothing to friends any more.
+    store.remove_meta("takeover")?;
     store.remove_meta(META_SWITCHING)?;
     store.remove_meta(META_STAMP)?;
     store.remove_meta(META_VALID)?;

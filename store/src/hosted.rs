@@ -880,6 +880,10 @@ impl Store {
         from_seq: u64,
     ) -> Result<TakeoverOutcome, StoreError> {
         let tx = self.db.begin_write()?;
+        if tx.open_table(RETIRED)?.get(owner.as_bytes())?.is_some() {
+            // A retired key moves nowhere: its data waits for deletion by its node.
+            return Ok(TakeoverOutcome::Unknown);
+        }
         let outcome = {
             let mut owners = tx.open_table(OWNERS)?;
             let rec = match owners.get(owner.as_bytes())? {
@@ -1013,8 +1017,9 @@ mod recovery_tests {
             Some((1000, 0)),
             "the quota is free again"
         );
-        // A retired key can never be bound again.
+        // A retired key can never be bound again, nor taken over.
         assert_eq!(s.bind_owner(&old, &[7])?, Binding::Retired);
+        assert_eq!(s.takeover(&old, &[9], 3)?, TakeoverOutcome::Unknown);
         Ok(())
     }
 

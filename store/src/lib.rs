@@ -533,6 +533,23 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the rotation memo entries written under a stamp above `max_stamp` (by a build
+    /// that was interrupted before its snapshot was committed).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn prune_memos(&self, max_stamp: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(MEMO)?.retain(|_, v| {
+            v.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .is_some_and(|stamp| stamp <= max_stamp)
+        })?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Removes a value from the meta table.
     ///
     /// # Errors
@@ -688,6 +705,15 @@ mod tests {
         next.commit_pack(&PackId([5; 32]), &rec, &[(ChunkId([6; 32]), loc(5, 0))])?;
         next.commit_snapshot(&SnapshotId([2; 32]), &record(2), b"new head")?;
         assert!(store.next_generation_started()?);
+        store.put_memos(1, &[([1; 32], vec![1])])?;
+        store.put_memos(2, &[([2; 32], vec![2])])?;
+        store.prune_memos(1)?;
+        assert_eq!(store.memo(&[1; 32])?, Some((1, vec![1])));
+        assert_eq!(
+            store.memo(&[2; 32])?,
+            None,
+            "a stamp above the last committed one"
+        );
         // The current generation does not see the next one.
         assert_eq!(store.chunk(&ChunkId([6; 32]))?, None);
         assert_eq!(store.own_head()?, Some(b"old head".to_vec()));
@@ -704,6 +730,7 @@ mod tests {
         assert!(store.holders(&PackId([1; 32]))?.is_empty());
         assert_eq!(store.peer_state(b"friend")?.head_seq, 0);
         assert!(!store.next_generation_started()?);
+        assert_eq!(store.memo(&[1; 32])?, None, "the switch empties the memo");
         Ok(())
     }
 
