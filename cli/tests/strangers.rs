@@ -133,6 +133,9 @@ fn a_lost_index_is_detected_and_rebuilt_from_friends() -> TestResult {
             .unwrap()
             .contains("obnam index rebuild")
     );
+    // A key rotation of a lost index would rotate nothing and then delete the old data.
+    let v = a.json(&["keys", "rotate"], 1)?;
+    assert_eq!(v["error"]["kind"], "index_missing", "{v}");
     // The friend list was in the lost index: the rebuild says to add one friend first.
     let v = a.json(&["index", "rebuild"], 1)?;
     assert!(
