@@ -52,6 +52,19 @@ fn hosted_key(owner: &OwnerId, pack: &PackId) -> [u8; 64] {
     k
 }
 
+/// An owner's record in the owners table.
+fn owner_record(
+    t: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    owner: &OwnerId,
+) -> Result<Option<HostedOwner>, StoreError> {
+    match t.get(owner.as_bytes())? {
+        Some(v) => Ok(Some(
+            HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {owner}")))?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Most owner keys one friend's node may bind here.
 pub const MAX_OWNERS_PER_FRIEND: usize = 16;
 
@@ -173,13 +186,7 @@ impl Store {
         }
         let outcome = {
             let mut t = tx.open_table(OWNERS)?;
-            let existing = match t.get(owner.as_bytes())? {
-                Some(v) => Some(
-                    HostedOwner::from_bytes(v.value())
-                        .map_err(corrupt(format!("owner {owner}")))?,
-                ),
-                None => None,
-            };
+            let existing = owner_record(&t, owner)?;
             match existing {
                 Some(rec) if rec.bound_peer != peer => Binding::Elsewhere(rec.bound_peer),
                 Some(_) => Binding::Bound,
@@ -216,13 +223,7 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn hosted_owner(&self, owner: &OwnerId) -> Result<Option<HostedOwner>, StoreError> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(OWNERS)?;
-        match t.get(owner.as_bytes())? {
-            None => Ok(None),
-            Some(v) => Ok(Some(
-                HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {owner}")))?,
-            )),
-        }
+        owner_record(&tx.open_table(OWNERS)?, owner)
     }
 
     /// Every hosted owner.
@@ -296,13 +297,7 @@ impl Store {
                 PutOutcome::AlreadyHad
             } else {
                 let mut owners = tx.open_table(OWNERS)?;
-                let rec = match owners.get(owner.as_bytes())? {
-                    Some(v) => Some(
-                        HostedOwner::from_bytes(v.value())
-                            .map_err(corrupt(format!("owner {owner}")))?,
-                    ),
-                    None => None,
-                };
+                let rec = owner_record(&owners, owner)?;
                 let friend = match &rec {
                     Some(r) => match tx.open_table(FRIENDS)?.get(r.bound_peer.as_slice())? {
                         Some(v) => Some(
@@ -721,21 +716,11 @@ impl Store {
         let tx = self.db.begin_write()?;
         {
             let mut owners = tx.open_table(OWNERS)?;
-            let old_rec = match owners.get(old.as_bytes())? {
-                Some(v) => Some(
-                    HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {old}")))?,
-                ),
-                None => None,
-            };
+            let old_rec = owner_record(&owners, old)?;
             if old_rec.is_none_or(|r| r.bound_peer != peer) {
                 return Ok(RetireOutcome::NotBound);
             }
-            let new_rec = match owners.get(new.as_bytes())? {
-                Some(v) => Some(
-                    HostedOwner::from_bytes(v.value()).map_err(corrupt(format!("owner {new}")))?,
-                ),
-                None => None,
-            };
+            let new_rec = owner_record(&owners, new)?;
             match new_rec {
                 Some(r) if r.bound_peer != peer => return Ok(RetireOutcome::NewElsewhere),
                 Some(_) => {}
@@ -793,13 +778,7 @@ impl Store {
                 return Ok(None);
             }
             let mut owners = tx.open_table(OWNERS)?;
-            let rec = match owners.get(owner.as_bytes())? {
-                Some(v) => Some(
-                    HostedOwner::from_bytes(v.value())
-                        .map_err(corrupt(format!("owner {owner}")))?,
-                ),
-                None => None,
-            };
+            let rec = owner_record(&owners, owner)?;
             let Some(rec) = rec else {
                 // Deleted before: done.
                 return Ok(Some(0));
@@ -886,13 +865,7 @@ impl Store {
         }
         let outcome = {
             let mut owners = tx.open_table(OWNERS)?;
-            let rec = match owners.get(owner.as_bytes())? {
-                Some(v) => Some(
-                    HostedOwner::from_bytes(v.value())
-                        .map_err(corrupt(format!("owner {owner}")))?,
-                ),
-                None => None,
-            };
+            let rec = owner_record(&owners, owner)?;
             let stored_seq = tx
                 .open_table(HEADS)?
                 .get(owner.as_bytes())?
