@@ -31,7 +31,7 @@ use crate::pack::{FinishedPack, PackBuilder};
 use crate::repo::{Repo, now_ns};
 use crate::seal::seal_chunk;
 use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
-use obnam_protocol::local::{CachedFile, ChunkLoc, DirCache, FileStat, PackRecord, dir_cache_key};
+use obnam_protocol::local::{CachedFile, DirCache, FileStat, PackRecord, dir_cache_key};
 use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
 use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
 use obnam_protocol::tree::{Entry, EntryKind, Tree};
@@ -427,20 +427,7 @@ fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u6
                 created_ns: now_ns(),
                 in_outbox: true,
             };
-            let chunks: Vec<_> = pack
-                .entries
-                .iter()
-                .map(|e| {
-                    (
-                        e.chunk,
-                        ChunkLoc {
-                            pack: pack.id,
-                            offset: e.offset,
-                            len: e.len,
-                        },
-                    )
-                })
-                .collect();
+            let chunks = obnam_protocol::pack::chunk_locations(pack.id, &pack.entries);
             repo.store.commit_pack(&pack.id, &record, &chunks)?;
             let mut pending = shared.pending();
             for (c, _) in &chunks {

@@ -24,7 +24,7 @@ use libp2p::PeerId;
 use obnam_protocol::PackId;
 use obnam_protocol::envelope::{DOMAIN_HEAD_BODY, DOMAIN_PACK_INDEX, DOMAIN_PACK_TRAILER};
 use obnam_protocol::keyslot::{KeySlot, SLOT_VERSION};
-use obnam_protocol::local::{ChunkLoc, Friend, PackRecord};
+use obnam_protocol::local::{Friend, PackRecord};
 use obnam_protocol::msg::{self, Request, Response, TakeoverStatement};
 use obnam_protocol::pack::{PACK_ALIGN, PackIndex, PackTrailer, TRAILER_LEN};
 use obnam_protocol::signed::CONTEXT_TAKEOVER;
@@ -302,20 +302,7 @@ pub fn rebuild_index(
                     created_ns: now_ns(),
                     in_outbox,
                 };
-                let chunks: Vec<_> = index
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        (
-                            e.chunk,
-                            ChunkLoc {
-                                pack: id,
-                                offset: e.offset,
-                                len: e.len,
-                            },
-                        )
-                    })
-                    .collect();
+                let chunks = obnam_protocol::pack::chunk_locations(id, &index.entries);
                 repo.store.commit_pack(&id, &record, &chunks)?;
                 for h in &holders {
                     repo.store.add_placement(&id, &h.to_bytes())?;

@@ -10,7 +10,7 @@ use crate::pack;
 use crate::seal::{self, OpenError};
 use obnam_protocol::envelope::DOMAIN_HEAD_BODY;
 use obnam_protocol::ids::matches_prefix;
-use obnam_protocol::local::{ChunkLoc, PackRecord};
+use obnam_protocol::local::PackRecord;
 use obnam_protocol::signed::CONTEXT_HEAD;
 use obnam_protocol::snapshot::{
     ChunkerParams, Head, HeadBody, SignedHead, SnapshotEntry, SnapshotRecord,
@@ -200,20 +200,7 @@ impl Repo {
                 created_ns: now_ns(),
                 in_outbox: true,
             };
-            let chunks: Vec<_> = index
-                .entries
-                .iter()
-                .map(|e| {
-                    (
-                        e.chunk,
-                        ChunkLoc {
-                            pack: id,
-                            offset: e.offset,
-                            len: e.len,
-                        },
-                    )
-                })
-                .collect();
+            let chunks = obnam_protocol::pack::chunk_locations(id, &index.entries);
             self.store.commit_pack(&id, &record, &chunks)?;
             tracing::info!(pack = %id, chunks = chunks.len(), "adopted a pack left by an interrupted backup");
             adopted += 1;

@@ -17,7 +17,7 @@
 
 use crate::codec::{DecodeError, decode_bounded, encode};
 use crate::ids::{LookupId, OwnerId, PackId};
-use crate::signed::{self, CONTEXT_OWNER_PROOF, SIGNATURE_LEN, SignatureError};
+use crate::signed::{self, CONTEXT_OWNER_PROOF, SignatureError};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -67,19 +67,11 @@ impl OwnerProof {
     /// # Errors
     /// [`SignatureError`] when it does not verify.
     pub fn verify(&self, prover: &[u8], verifier: &[u8]) -> Result<(), SignatureError> {
-        let sig: [u8; SIGNATURE_LEN] =
-            self.signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| SignatureError::Invalid {
-                    owner: self.owner,
-                    context: CONTEXT_OWNER_PROOF,
-                })?;
-        signed::verify(
+        signed::verify_slice(
             &self.owner,
             CONTEXT_OWNER_PROOF,
             &Self::payload(&self.owner, &self.nonce, prover, verifier),
-            &sig,
+            &self.signature,
         )
     }
 }
@@ -184,19 +176,11 @@ impl SuccessorStatement {
     /// # Errors
     /// [`SignatureError`] when it does not verify.
     pub fn verify(&self) -> Result<(), SignatureError> {
-        let sig: [u8; SIGNATURE_LEN] =
-            self.signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| SignatureError::Invalid {
-                    owner: self.old,
-                    context: signed::CONTEXT_SUCCESSOR,
-                })?;
-        signed::verify(
+        signed::verify_slice(
             &self.old,
             signed::CONTEXT_SUCCESSOR,
             &Self::payload(&self.old, &self.new, &self.lookup, &self.slot),
-            &sig,
+            &self.signature,
         )
     }
 }
@@ -234,19 +218,11 @@ impl TakeoverStatement {
     /// # Errors
     /// [`SignatureError`] when it does not verify.
     pub fn verify(&self) -> Result<(), SignatureError> {
-        let sig: [u8; SIGNATURE_LEN] =
-            self.signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| SignatureError::Invalid {
-                    owner: self.owner,
-                    context: signed::CONTEXT_TAKEOVER,
-                })?;
-        signed::verify(
+        signed::verify_slice(
             &self.owner,
             signed::CONTEXT_TAKEOVER,
             &Self::payload(&self.owner, &self.new_node, self.from_seq),
-            &sig,
+            &self.signature,
         )
     }
 }

@@ -52,6 +52,26 @@ pub struct PackIndex {
     pub entries: Vec<PackIndexEntry>,
 }
 
+/// Where each chunk of a pack's index is, as index records: chunk id → (pack, offset, length).
+pub fn chunk_locations(
+    pack: crate::PackId,
+    entries: &[PackIndexEntry],
+) -> Vec<(ChunkId, crate::local::ChunkLoc)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e.chunk,
+                crate::local::ChunkLoc {
+                    pack,
+                    offset: e.offset,
+                    len: e.len,
+                },
+            )
+        })
+        .collect()
+}
+
 impl PackIndex {
     /// Encodes the index (before sealing).
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -49,6 +49,23 @@ pub fn message(context: &str, payload: &[u8]) -> Vec<u8> {
     msg
 }
 
+/// Verifies a signature given as bytes of any length (a wrong length does not verify).
+///
+/// # Errors
+/// [`SignatureError`] when it does not verify.
+pub fn verify_slice(
+    owner: &OwnerId,
+    context: &'static str,
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), SignatureError> {
+    let sig: &[u8; SIGNATURE_LEN] = signature.try_into().map_err(|_| SignatureError::Invalid {
+        owner: *owner,
+        context,
+    })?;
+    verify(owner, context, payload, sig)
+}
+
 /// Verifies a signature by `owner` over `payload` under `context`.
 ///
 /// # Errors
