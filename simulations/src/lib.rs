@@ -5,8 +5,11 @@
 //! path (including panics: [`Node`] kills its process in `Drop`). Nothing here enables mDNS or
 //! any other multicast or broadcast.
 //!
-//! Used by the process-level tests in `cli/tests/` and by the `demo` binary.
+//! Used by the process-level tests in `cli/tests/`, by the `demo` binary, and by the `bench`
+//! binary behind `bench/run` (which measures processes with [`bench`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod bench;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
