@@ -260,7 +260,7 @@ pub(crate) fn with_pipeline<T>(
         let mut sink = Sink {
             repo,
             keys,
-            params,
+            chunker: chunker::Chunker::new(&params, keys.gear_seed()),
             jobs: Some(job_tx),
             shared,
             new_bytes: 0,
@@ -288,7 +288,7 @@ pub(crate) fn with_pipeline<T>(
 pub(crate) struct Sink<'a> {
     repo: &'a Repo,
     keys: &'a Keys,
-    params: ChunkerParams,
+    chunker: chunker::Chunker,
     jobs: Option<SyncSender<Job>>,
     shared: &'a Shared,
     new_bytes: u64,
@@ -319,20 +319,24 @@ impl Sink<'_> {
     }
 
     /// Chunks everything `reader` yields; returns the chunk ids and the byte count.
-    pub(crate) fn ingest(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), IngestError> {
+    pub(crate) fn ingest(
+        &mut self,
+        mut reader: impl Read,
+    ) -> Result<(Vec<ChunkId>, u64), IngestError> {
         let mut ids = Vec::new();
         let mut size = 0u64;
-        for chunk in chunker::chunks(reader, &self.params, self.keys.gear_seed()) {
+        self.chunker.reset();
+        loop {
             if self.aborted() {
                 return Err(IngestError::Abort(aborted()));
             }
-            let chunk = chunk.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => IngestError::Read(io),
-                other => IngestError::Read(std::io::Error::other(other.to_string())),
-            })?;
-            let id = self.keys.chunk_id(&chunk.data);
-            size += chunk.data.len() as u64;
-            self.submit(id, chunk.data).map_err(IngestError::Abort)?;
+            let (id, data) = match self.chunker.next_chunk(&mut reader) {
+                None => break,
+                Some(Err(e)) => return Err(IngestError::Read(e)),
+                Some(Ok(chunk)) => (self.keys.chunk_id(chunk), chunk.to_vec()),
+            };
+            size += data.len() as u64;
+            self.submit(id, data).map_err(IngestError::Abort)?;
             ids.push(id);
         }
         Ok((ids, size))

@@ -22,6 +22,8 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Splits an absolute path into its components as bytes.
@@ -175,40 +177,92 @@ pub fn restore(
             ));
         }
     }
-    let mut r = Restorer {
-        repo,
-        keys,
-        events,
-        filters,
-        is_root: nix::unistd::geteuid().is_root(),
-        links: HashMap::new(),
-        report: RestoreReport {
-            snapshot: id,
-            files: 0,
-            dirs: 0,
-            others: 0,
-            bytes: 0,
-            problems: Vec::new(),
-        },
-        last_progress: Instant::now(),
-    };
     // Fetch the packs of the selected files from friends, several at a time, before writing.
     let mut packs = std::collections::HashSet::new();
-    r.collect(&record.root, &mut Vec::new(), &mut packs);
+    let probe = Restorer::new(repo, keys, events, filters.clone(), id, None);
+    probe.collect(&record.root, &mut Vec::new(), &mut packs);
     if let Err(e) = repo.prefetch(keys, packs.into_iter().collect()) {
         tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
     }
     for w in repo.take_warnings() {
         events.send(Event::Warning(w));
     }
-    let result = r.restore_dir(&record.root, &target, &mut Vec::new());
+    // Files are written by a pool of threads (opening, decompressing and checking chunks is
+    // CPU work), out of order; directories get their metadata once their files are done.
+    let threads = repo.config.seal_threads();
+    let (report, result) = std::thread::scope(|s| {
+        let (job_tx, job_rx) = sync_channel::<FileJob>(threads * 4);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<FileDone>();
+        let is_root = nix::unistd::geteuid().is_root();
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            let tx = done_tx.clone();
+            s.spawn(move || file_worker(repo, keys, is_root, &rx, &tx));
+        }
+        drop(done_tx);
+        let mut r = Restorer::new(repo, keys, events, filters, id, Some((job_tx, done_rx)));
+        let mut result = r.restore_dir(&record.root, &target, &mut Vec::new());
+        r.flush_dirs();
+        r.pool = None;
+        if result.is_ok() {
+            // One sync for the whole restore instead of one per file.
+            result = std::fs::File::open(&target)
+                .and_then(|d| nix::unistd::syncfs(&d).map_err(std::io::Error::from))
+                .map_err(|e| NodeError::io(format!("syncing {}", target.display()), e));
+        }
+        (r.report, result)
+    });
     for w in repo.take_warnings() {
         events.send(Event::Warning(w));
     }
     repo.clear_cache();
     result?;
-    Ok(r.report)
+    Ok(report)
 }
+
+/// A file for the pool to write.
+struct FileJob {
+    entry: Entry,
+    path: PathBuf,
+}
+
+/// What the pool did with a [`FileJob`].
+struct FileDone {
+    path: PathBuf,
+    size: u64,
+    result: Result<(), NodeError>,
+}
+
+/// Directories whose metadata waits until their files are written; at most this many wait.
+const PENDING_DIRS: usize = 4096;
+
+fn file_worker(
+    repo: &Repo,
+    keys: &Keys,
+    is_root: bool,
+    rx: &Mutex<Receiver<FileJob>>,
+    tx: &std::sync::mpsc::Sender<FileDone>,
+) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            guard.recv()
+        };
+        let Ok(job) = job else { return };
+        let result = write_file(repo, keys, is_root, &job.entry, &job.path);
+        let done = FileDone {
+            path: job.path,
+            size: job.entry.size,
+            result,
+        };
+        if tx.send(done).is_err() {
+            return;
+        }
+    }
+}
+
+type Pool = (SyncSender<FileJob>, Receiver<FileDone>);
 
 struct Restorer<'a> {
     repo: &'a Repo,
@@ -219,6 +273,12 @@ struct Restorer<'a> {
     links: HashMap<u64, PathBuf>,
     report: RestoreReport,
     last_progress: Instant,
+    /// The file-writing pool; without it, files are written on this thread.
+    pool: Option<Pool>,
+    /// Jobs sent to the pool and not yet reported done.
+    outstanding: usize,
+    /// Directories (children first) whose metadata waits for their files.
+    pending_dirs: Vec<(PathBuf, Entry)>,
 }
 
 enum Selection {
@@ -227,7 +287,101 @@ enum Selection {
     No,
 }
 
-impl Restorer<'_> {
+impl<'a> Restorer<'a> {
+    fn new(
+        repo: &'a Repo,
+        keys: &'a Keys,
+        events: &'a dyn Events,
+        filters: Vec<Vec<Vec<u8>>>,
+        snapshot: SnapshotId,
+        pool: Option<Pool>,
+    ) -> Self {
+        Self {
+            repo,
+            keys,
+            events,
+            filters,
+            is_root: nix::unistd::geteuid().is_root(),
+            links: HashMap::new(),
+            report: RestoreReport {
+                snapshot,
+                files: 0,
+                dirs: 0,
+                others: 0,
+                bytes: 0,
+                problems: Vec::new(),
+            },
+            last_progress: Instant::now(),
+            pool,
+            outstanding: 0,
+            pending_dirs: Vec::new(),
+        }
+    }
+
+    /// Counts a file the pool finished, or reports its failure.
+    fn file_done(&mut self, done: FileDone) {
+        self.outstanding -= 1;
+        match done.result {
+            Ok(()) => {
+                self.report.files += 1;
+                self.report.bytes += done.size;
+                self.progress(&done.path);
+            }
+            Err(e) => self.problem(&done.path, e.full_message()),
+        }
+    }
+
+    /// Waits until the pool has written every file sent so far.
+    fn drain(&mut self) {
+        while self.outstanding > 0 {
+            let Some(done) = self.pool.as_ref().and_then(|(_, rx)| rx.recv().ok()) else {
+                // The pool is gone (it cannot be, while we hold its sender).
+                self.outstanding = 0;
+                return;
+            };
+            self.file_done(done);
+        }
+    }
+
+    /// Writes every file sent so far, then gives the waiting directories their metadata.
+    fn flush_dirs(&mut self) {
+        self.drain();
+        for (path, e) in std::mem::take(&mut self.pending_dirs) {
+            if let Err(err) = set_meta(self.is_root, &path, &e) {
+                self.problem(&path, err);
+            }
+        }
+    }
+
+    /// Writes a regular file: on the pool when there is one, else here.
+    fn submit_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
+        // Hard-linked files are written here, so that later links find them.
+        let Some((tx, _)) = self.pool.as_ref().filter(|_| e.hardlink.is_none()) else {
+            write_file(self.repo, self.keys, self.is_root, e, path)?;
+            self.report.files += 1;
+            self.report.bytes += e.size;
+            if let Some(group) = e.hardlink {
+                self.links.insert(group, path.to_owned());
+            }
+            return Ok(());
+        };
+        let job = FileJob {
+            entry: e.clone(),
+            path: path.to_owned(),
+        };
+        if tx.send(job).is_err() {
+            return Err(NodeError::Usage(
+                "the restore's file writers stopped".into(),
+            ));
+        }
+        self.outstanding += 1;
+        // Take what is done, without waiting.
+        while let Some(done) = self.pool.as_ref().and_then(|(_, rx)| rx.try_recv().ok()) {
+            self.file_done(done);
+        }
+        Ok(())
+    }
+
     fn select(&self, parts: &[Vec<u8>]) -> Selection {
         if self.filters.is_empty() {
             return Selection::All;
@@ -318,8 +472,9 @@ impl Restorer<'_> {
                     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
                     self.restore_dir(&e.content, &path, parts)?;
                     self.report.dirs += 1;
-                    if let Err(err) = self.set_meta(&path, &e) {
-                        self.problem(&path, err);
+                    self.pending_dirs.push((path, e));
+                    if self.pending_dirs.len() >= PENDING_DIRS {
+                        self.flush_dirs();
                     }
                 }
                 Selection::Partly => {}
@@ -347,15 +502,7 @@ impl Restorer<'_> {
             return Ok(());
         }
         match e.kind {
-            EntryKind::File => {
-                self.write_file(e, path)?;
-                self.report.files += 1;
-                self.report.bytes += e.size;
-                if let Some(group) = e.hardlink {
-                    self.links.insert(group, path.to_owned());
-                }
-                return Ok(());
-            }
+            EntryKind::File => return self.submit_file(e, path),
             EntryKind::Symlink => {
                 remove_existing(path).map_err(|err| io("replacing", err))?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(&e.target), path)
@@ -394,56 +541,7 @@ impl Restorer<'_> {
             EntryKind::Dir => return Err(NodeError::Usage("directory restored as a file".into())),
         }
         self.report.others += 1;
-        self.set_meta(path, e)
-            .map_err(|err| io("setting metadata of", err))
-    }
-
-    fn write_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
-        // A random temporary name, created exclusively: it cannot collide with (and so never
-        // removes) a name in the snapshot.
-        let mut tag = [0u8; 12];
-        rand::fill(&mut tag[..]);
-        let tmp_name = format!(
-            ".obnam-restore-{}",
-            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-        let tmp = path.with_file_name(tmp_name);
-        let result = (|| {
-            // A leftover temporary file (or a link planted in its place) is removed, never followed.
-            remove_existing(&tmp)
-                .map_err(|err| NodeError::io(format!("replacing {}", tmp.display()), err))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
-            for c in &e.content {
-                let data = self.repo.read_chunk(self.keys, c)?;
-                f.write_all(&data)
-                    .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
-                self.progress(path);
-            }
-            f.sync_all()
-                .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
-            drop(f);
-            self.set_meta(&tmp, e).map_err(|err| {
-                NodeError::io(format!("setting metadata of {}", path.display()), err)
-            })?;
-            if path.is_dir() && !path.is_symlink() {
-                return Err(NodeError::Usage(format!(
-                    "{} exists and is a directory",
-                    path.display()
-                )));
-            }
-            std::fs::rename(&tmp, path)
-                .map_err(|err| NodeError::io(format!("renaming into {}", path.display()), err))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        set_meta(self.is_root, path, e).map_err(|err| io("setting metadata of", err))
     }
 
     fn progress(&mut self, path: &Path) {
@@ -458,19 +556,72 @@ impl Restorer<'_> {
             }));
         }
     }
+}
 
-    fn set_meta(&self, path: &Path, e: &Entry) -> std::io::Result<()> {
-        if self.is_root {
-            std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid))?;
+/// Writes one regular file: to a temporary name, renamed into place once every chunk opened
+/// and verified and the metadata is set. Not synced: the restore syncs the file system once.
+fn write_file(
+    repo: &Repo,
+    keys: &Keys,
+    is_root: bool,
+    e: &Entry,
+    path: &Path,
+) -> Result<(), NodeError> {
+    // A random temporary name, created exclusively: it cannot collide with (and so never
+    // removes) a name in the snapshot.
+    let mut tag = [0u8; 12];
+    rand::fill(&mut tag[..]);
+    let tmp_name = format!(
+        ".obnam-restore-{}",
+        tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        // A leftover temporary file (or a link planted in its place) is removed, never followed.
+        remove_existing(&tmp)
+            .map_err(|err| NodeError::io(format!("replacing {}", tmp.display()), err))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
+        for c in &e.content {
+            let data = repo.read_chunk(keys, c)?;
+            f.write_all(&data)
+                .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
         }
-        if e.kind != EntryKind::Symlink {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))?;
+        drop(f);
+        set_meta(is_root, &tmp, e)
+            .map_err(|err| NodeError::io(format!("setting metadata of {}", path.display()), err))?;
+        if path.is_dir() && !path.is_symlink() {
+            return Err(NodeError::Usage(format!(
+                "{} exists and is a directory",
+                path.display()
+            )));
         }
-        let secs = e.mtime_ns.div_euclid(1_000_000_000);
-        let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
-        let t = filetime::FileTime::from_unix_time(secs, nanos);
-        filetime::set_symlink_file_times(path, t, t)
+        std::fs::rename(&tmp, path)
+            .map_err(|err| NodeError::io(format!("renaming into {}", path.display()), err))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    result
+}
+
+/// Owner (as root), mode (except for symlinks), then mtime.
+fn set_meta(is_root: bool, path: &Path, e: &Entry) -> std::io::Result<()> {
+    if is_root {
+        std::os::unix::fs::lchown(path, Some(e.uid), Some(e.gid))?;
+    }
+    if e.kind != EntryKind::Symlink {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))?;
+    }
+    let secs = e.mtime_ns.div_euclid(1_000_000_000);
+    let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    filetime::set_symlink_file_times(path, t, t)
 }
 
 /// Makes `path` a real directory. An existing directory is kept; anything else in the way

@@ -11,6 +11,57 @@ use obnam_protocol::envelope::{self, COMPRESSION_NONE, COMPRESSION_ZSTD, NONCE_L
 /// The largest plaintext chunk: the chunker's maximum.
 pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
 
+thread_local! {
+    /// One zstd compression context per thread and level: creating one per chunk showed up in
+    /// profiles.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// One zstd decompression context per thread.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses `plain` at `level` into `out` (after what is there), with this thread's
+/// context. Returns false, leaving `out` as it was, when the result would not be smaller.
+fn compress_into(plain: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let Some((_, c)) = slot.as_mut() else {
+            return false;
+        };
+        // Room for a result smaller than the input only: a larger one fails and is stored raw.
+        let start = out.len();
+        out.resize(start + plain.len().saturating_sub(1), 0);
+        match c.compress_to_buffer(plain, &mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                true
+            }
+            Err(_) => {
+                out.truncate(start);
+                false
+            }
+        }
+    })
+}
+
+/// zstd-decompresses `data` (at most [`MAX_CHUNK`] bytes of output) with this thread's context.
+fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, MAX_CHUNK),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
+
 fn random_nonce() -> [u8; NONCE_LEN] {
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce[..]);
@@ -28,15 +79,10 @@ pub fn seal_chunk(
     zstd_level: i32,
 ) -> Result<Vec<u8>, NodeError> {
     let mut inner = Vec::with_capacity(plain.len() + 1);
-    match zstd::bulk::compress(plain, zstd_level) {
-        Ok(c) if c.len() < plain.len() => {
-            inner.push(COMPRESSION_ZSTD);
-            inner.extend_from_slice(&c);
-        }
-        _ => {
-            inner.push(COMPRESSION_NONE);
-            inner.extend_from_slice(plain);
-        }
+    inner.push(COMPRESSION_ZSTD);
+    if !compress_into(plain, zstd_level, &mut inner) {
+        inner[0] = COMPRESSION_NONE;
+        inner.extend_from_slice(plain);
     }
     let nonce = random_nonce();
     let aad = envelope::chunk_aad(id);
@@ -87,8 +133,9 @@ pub fn open_chunk(keys: &Keys, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, O
         .map_err(|_| OpenError::Authentication)?;
     let plain = match inner.split_first() {
         Some((&COMPRESSION_NONE, data)) => data.to_vec(),
-        Some((&COMPRESSION_ZSTD, data)) => zstd::bulk::decompress(data, MAX_CHUNK)
-            .map_err(|e| OpenError::Malformed(format!("zstd: {e}")))?,
+        Some((&COMPRESSION_ZSTD, data)) => {
+            decompress(data).map_err(|e| OpenError::Malformed(format!("zstd: {e}")))?
+        }
         _ => return Err(OpenError::Malformed("unknown compression".into())),
     };
     if keys.chunk_id(&plain) != *id {
