@@ -440,6 +440,9 @@ fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u6
             drop(pending);
             used += need;
             stored += need;
+            if let Some(remote) = repo.remote.get() {
+                remote.packs_ready.notify_one();
+            }
             tracing::debug!(pack = %pack.id, bytes = need, chunks = chunks.len(), "pack written");
         }
         Ok(stored)

@@ -163,6 +163,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     let _ = repo.remote.set(crate::repo::Remote::new(
         net.clone(),
         tokio::runtime::Handle::current(),
+        Arc::clone(&wake),
     ));
     let replicator = crate::replication::Replicator::new(repo.clone(), net.clone(), wake);
     let replication_task = tokio::spawn(

@@ -152,9 +152,11 @@ impl Replicator {
     /// Runs rounds until the node stops.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         loop {
+            let started = std::time::Instant::now();
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e.full_message(), "replication round failed");
             }
+            tracing::debug!(took = ?started.elapsed(), "replication round done");
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(interval) => {}

@@ -26,15 +26,23 @@ pub struct Remote {
     pub net: crate::net::Net,
     /// The runtime, to wait on the network from blocking threads.
     pub handle: tokio::runtime::Handle,
+    /// Wakes the replicator: a backup calls it for every pack it writes, so packs travel to
+    /// friends while the backup goes on.
+    pub packs_ready: std::sync::Arc<tokio::sync::Notify>,
     warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Remote {
-    /// A remote for the node's network.
-    pub fn new(net: crate::net::Net, handle: tokio::runtime::Handle) -> Self {
+    /// A remote for the node's network; `packs_ready` wakes the replicator.
+    pub fn new(
+        net: crate::net::Net,
+        handle: tokio::runtime::Handle,
+        packs_ready: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Self {
         Self {
             net,
             handle,
+            packs_ready,
             warnings: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -460,6 +468,14 @@ impl Repo {
             }
         }
         candidates.sort_by_key(|p| !remote.net.is_connected(p));
+        // Spread a restore over every connected friend: each pack starts with another one.
+        let connected = candidates
+            .iter()
+            .take_while(|p| remote.net.is_connected(p))
+            .count();
+        if connected > 1 {
+            candidates[..connected].rotate_left(usize::from(pack.0[0]) % connected);
+        }
         let mut errors = Vec::new();
         for peer in candidates {
             let tmp = dir.join(format!("{}.{}.part", pack.to_hex(), peer));

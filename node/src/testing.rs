@@ -367,3 +367,123 @@ pub fn stranger_probe(
         Ok(out)
     })
 }
+
+/// The throughput (bytes per second) of one libp2p stream over loopback with the node's
+/// transport settings (TCP with `TCP_NODELAY`, Noise, Yamux defaults), between two swarms in
+/// this process: `bytes` of incompressible data are written in 1 MiB writes and the receiver
+/// acknowledges the last byte. For `bench/primitives`.
+///
+/// # Errors
+/// When the swarms cannot be set up or the transfer fails or takes over 10 minutes.
+pub fn stream_throughput(bytes: u64) -> Result<f64, NodeError> {
+    const PROTO: &str = "/obnam-bench/stream/1";
+    let build = |seed: u8| -> Result<libp2p::Swarm<libp2p_stream::Behaviour>, NodeError> {
+        Ok(libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .map_err(|e| NodeError::Net(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build())
+    };
+    runtime()?.block_on(async {
+        let mut server = build(201)?;
+        let mut client = build(202)?;
+        let server_id = *server.local_peer_id();
+        let mut incoming = server
+            .behaviour()
+            .new_control()
+            .accept(StreamProtocol::new(PROTO))
+            .map_err(|e| NodeError::Net(e.to_string()))?;
+        server
+            .listen_on(
+                "/ip4/127.0.0.1/tcp/0"
+                    .parse()
+                    .map_err(|e| NodeError::Net(format!("{e}")))?,
+            )
+            .map_err(|e| NodeError::Net(e.to_string()))?;
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+                break address;
+            }
+        };
+        let mut control = client.behaviour().new_control();
+        client
+            .dial(addr.with(libp2p::multiaddr::Protocol::P2p(server_id)))
+            .map_err(|e| NodeError::Net(e.to_string()))?;
+        let drive_server = tokio::spawn(async move {
+            loop {
+                server.select_next_some().await;
+            }
+        });
+        let drive_client = tokio::spawn(async move {
+            loop {
+                client.select_next_some().await;
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let (_, mut s) = incoming
+                .next()
+                .await
+                .ok_or_else(|| NodeError::Net("no inbound stream".into()))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            while got < bytes {
+                let n = s
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| NodeError::io("receiving", e))?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            s.write_all(&[1])
+                .await
+                .map_err(|e| NodeError::io("acknowledging", e))?;
+            s.close().await.map_err(|e| NodeError::io("closing", e))?;
+            Ok::<u64, NodeError>(got)
+        });
+        let transfer = async {
+            let mut s = control
+                .open_stream(server_id, StreamProtocol::new(PROTO))
+                .await
+                .map_err(|e| NodeError::Net(e.to_string()))?;
+            let mut block = vec![0u8; 1 << 20];
+            rand::fill(&mut block[..]);
+            let started = std::time::Instant::now();
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(block.len() as u64) as usize;
+                s.write_all(&block[..n])
+                    .await
+                    .map_err(|e| NodeError::io("sending", e))?;
+                sent += n as u64;
+            }
+            s.flush().await.map_err(|e| NodeError::io("sending", e))?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack)
+                .await
+                .map_err(|e| NodeError::io("waiting for the acknowledgement", e))?;
+            Ok::<f64, NodeError>(sent as f64 / started.elapsed().as_secs_f64())
+        };
+        let result = tokio::time::timeout(Duration::from_secs(600), transfer)
+            .await
+            .map_err(|_| NodeError::Net("the transfer took over 10 minutes".into()))?;
+        let received = receiver.await.map_err(|e| NodeError::Net(e.to_string()))?;
+        drive_server.abort();
+        drive_client.abort();
+        let rate = result?;
+        if received? != bytes {
+            return Err(NodeError::Net(
+                "the receiver got fewer bytes than were sent".into(),
+            ));
+        }
+        Ok(rate)
+    })
+}

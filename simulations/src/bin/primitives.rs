@@ -1,0 +1,291 @@
+//! `primitives`: the physical limit of this machine for obnam's pipeline, and how close obnam
+//! gets to it. Run it through `bench/primitives`; docs/performance.md explains the figures.
+//!
+//! 1. Single-core throughput, on incompressible data in 1 MiB blocks, of each CPU stage, with
+//!    the node's own code where it has it: FastCDC (obnam's chunker), keyed BLAKE3 (the chunk
+//!    id), zstd at the configured level, XChaCha20-Poly1305 (the node's cipher). Also a disk
+//!    write with fsync, and one libp2p stream over loopback with the node's transport settings.
+//! 2. The limit: cores ÷ Σ(1/throughput) over chunking, hashing, compression and sealing.
+//! 3. The pipeline: a real `obnam-node` with no friends (`replicas = 0`, so packs stay in the
+//!    outbox) backs up one file of random bytes; its rate is compared with the limit (≥ 70%).
+//! 4. Replication: a node that holds those packs in its outbox gains a friend; the time until
+//!    the outbox is empty gives the replication rate, compared with the stream's (≥ 80%).
+//!
+//! `primitives [--mib N] [--work DIR] [--out DIR]`
+
+use anyhow::{Context, Result, anyhow, bail};
+use chacha20poly1305::XNonce;
+use chacha20poly1305::aead::{Aead, Payload};
+use obnam_node::chunker::Chunker;
+use obnam_node::config::NodeConfig;
+use obnam_node::keys::{Keys, MasterSecret};
+use obnam_protocol::snapshot::ChunkerParams;
+use obnam_simulations::bench::median;
+use obnam_simulations::{Bins, Node, wait_until};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const MB: f64 = 1e6;
+const BLOCK: usize = 1 << 20;
+
+/// Deterministic incompressible bytes (xorshift64*).
+fn random_bytes(n: usize, mut x: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// The median rate (MB/s) of three runs of `f` over `bytes` bytes.
+fn rate(bytes: usize, mut f: impl FnMut()) -> f64 {
+    let runs: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            bytes as f64 / MB / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&runs).unwrap_or(0.0)
+}
+
+struct Options {
+    mib: usize,
+    work: PathBuf,
+    out: PathBuf,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow!("no workspace root"))?;
+    let mut o = Options {
+        mib: 512,
+        work: PathBuf::from("/var/tmp/obnam-bench"),
+        out: root.join("bench").join("results"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| anyhow!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--mib" => o.mib = value()?.parse().context("--mib")?,
+            "--work" => o.work = PathBuf::from(value()?),
+            "--out" => o.out = PathBuf::from(value()?),
+            other => bail!(
+                "unknown argument {other:?}; usage: primitives [--mib N] [--work DIR] [--out DIR]"
+            ),
+        }
+    }
+    if o.mib < 16 {
+        bail!("--mib must be at least 16");
+    }
+    Ok(o)
+}
+
+/// Single-core rates in MB/s.
+fn cpu_stages(data: &[u8], level: i32) -> Result<Value> {
+    let keys = Keys::derive(&MasterSecret::generate());
+    let mut chunker = Chunker::new(&ChunkerParams::V1, keys.gear_seed());
+    let chunking = rate(data.len(), || {
+        std::hint::black_box(chunker.lengths(data));
+    });
+    let hashing = rate(data.len(), || {
+        for b in data.chunks(BLOCK) {
+            std::hint::black_box(keys.chunk_id(b));
+        }
+    });
+    let mut compressor = zstd::bulk::Compressor::new(level).context("zstd")?;
+    let mut out = vec![0u8; zstd::zstd_safe::compress_bound(BLOCK)];
+    let compression = rate(data.len(), || {
+        for b in data.chunks(BLOCK) {
+            std::hint::black_box(compressor.compress_to_buffer(b, &mut out[..]).ok());
+        }
+    });
+    let nonce = XNonce::from([7u8; 24]);
+    let sealing = rate(data.len(), || {
+        for b in data.chunks(BLOCK) {
+            std::hint::black_box(
+                keys.cipher()
+                    .encrypt(
+                        &nonce,
+                        Payload {
+                            msg: b,
+                            aad: b"bench",
+                        },
+                    )
+                    .ok(),
+            );
+        }
+    });
+    Ok(json!({
+        "chunking": chunking, "hashing": hashing,
+        "compression": compression, "sealing": sealing,
+    }))
+}
+
+/// Disk write with fsync, MB/s: `mib` MiB in 8 MiB writes, then fsync.
+fn disk(dir: &Path, data: &[u8]) -> Result<f64> {
+    let path = dir.join("primitives-disk.bin");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&path).context("creating the disk test file")?;
+        for b in data.chunks(8 << 20) {
+            f.write_all(b)?;
+        }
+        f.sync_all()?;
+        runs.push(data.len() as f64 / MB / t.elapsed().as_secs_f64());
+        drop(f);
+        std::fs::remove_file(&path)?;
+    }
+    median(&runs).ok_or_else(|| anyhow!("no disk figure"))
+}
+
+fn outbox_bytes(node: &Node) -> Result<u64> {
+    node.status()?["outbox_bytes"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no outbox_bytes in status"))
+}
+
+/// The pipeline rate (no friend) and the replication rate, MB/s, and the bytes replicated.
+fn pipeline_and_replication(work: &Path, data: &[u8]) -> Result<(f64, f64, u64)> {
+    let bins = Bins::beside_current_exe()?;
+    let dir = work.join("primitives");
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("random.bin"), data)?;
+    let src_arg = src
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 work directory"))?;
+
+    // The pipeline: no friend, nothing to wait for.
+    let mut lone = Node::new(&bins, "lone", &dir.join("lone"), "replicas = 0\n")?;
+    lone.start()?;
+    lone.init("bench")?;
+    let t = Instant::now();
+    lone.json(&["backup", src_arg], 0)?;
+    let pipeline = data.len() as f64 / MB / t.elapsed().as_secs_f64();
+    lone.stop();
+
+    // Replication: the packs wait in the outbox until a friend appears.
+    let config = "replicas = 1\nreplication_timeout_secs = 1\nreplication_interval_secs = 1\n";
+    let mut a = Node::new(&bins, "owner", &dir.join("owner"), config)?;
+    let mut b = Node::new(&bins, "friend", &dir.join("friend"), config)?;
+    a.start()?;
+    b.start()?;
+    a.init("bench")?;
+    let v = a.json(&["backup", src_arg], 4)?;
+    let stored = v["stored_bytes"].as_u64().unwrap_or(0);
+    let pending = outbox_bytes(&a)?;
+    if pending == 0 {
+        bail!("the packs left the outbox without a friend");
+    }
+    b.add_peer(&a, &["--quota", "1TiB"])?;
+    let t = Instant::now();
+    a.add_peer(&b, &["--quota", "1TiB"])?;
+    wait_until("the outbox to empty", Duration::from_secs(600), || {
+        Ok(outbox_bytes(&a)? == 0)
+    })?;
+    let replication = pending as f64 / MB / t.elapsed().as_secs_f64();
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((pipeline, replication, stored.max(pending)))
+}
+
+fn run(o: Options) -> Result<()> {
+    std::fs::create_dir_all(&o.work)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let level = NodeConfig::default().zstd_level;
+    let data = random_bytes(o.mib << 20, 0x9e37_79b9_7f4a_7c15);
+    eprintln!("CPU stages on {} MiB of random bytes…", o.mib);
+    let stages = cpu_stages(&data, level)?;
+    let inverse: f64 = ["chunking", "hashing", "compression", "sealing"]
+        .iter()
+        .map(|k| 1.0 / stages[*k].as_f64().unwrap_or(f64::INFINITY))
+        .sum();
+    let limit = cores as f64 / inverse;
+    eprintln!("disk write with fsync…");
+    let disk_rate = disk(&o.work, &data)?;
+    eprintln!("libp2p stream over loopback…");
+    let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
+    eprintln!("obnam: backup with no friend, then replication to one…");
+    let (pipeline, replication, replicated) = pipeline_and_replication(&o.work, &data)?;
+    let date = String::from_utf8(
+        std::process::Command::new("date")
+            .args(["-u", "+%F"])
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .to_owned();
+    let doc = json!({
+        "date": date,
+        "cores": cores,
+        "mib": o.mib,
+        "zstd_level": level,
+        "single_core_mb_s": stages,
+        "disk_fsync_mb_s": disk_rate,
+        "libp2p_stream_mb_s": stream,
+        "limit_mb_s": limit,
+        "pipeline_mb_s": pipeline,
+        "pipeline_share": pipeline / limit,
+        "replication_mb_s": replication,
+        "replication_share": replication / stream,
+        "replicated_bytes": replicated,
+        "targets": {"pipeline_share": 0.7, "replication_share": 0.8},
+    });
+    let f = |k: &str| stages[k].as_f64().unwrap_or(0.0);
+    let md = format!(
+        "# Primitives {date}\n\n{cores} cores; {mib} MiB of incompressible data; zstd level {level}.\n\n\
+         | measure | MB/s |\n|---|---|\n\
+         | FastCDC (obnam's chunker), one core | {:.0} |\n\
+         | keyed BLAKE3 (chunk ids), one core | {:.0} |\n\
+         | zstd level {level} (incompressible input), one core | {:.0} |\n\
+         | XChaCha20-Poly1305 seal, one core | {:.0} |\n\
+         | **limit**: {cores} cores ÷ Σ(1/throughput) | **{limit:.0}** |\n\
+         | disk write with fsync | {disk_rate:.0} |\n\
+         | libp2p stream over loopback (TCP, Noise, Yamux) | {stream:.0} |\n\n\
+         | target | measured | share | needed |\n|---|---|---|---|\n\
+         | backup with no friend (packs to the outbox) | {pipeline:.0} MB/s | {:.0}% of the limit | ≥ 70% |\n\
+         | replication to one friend over loopback | {replication:.0} MB/s | {:.0}% of the stream | ≥ 80% |\n",
+        f("chunking"),
+        f("hashing"),
+        f("compression"),
+        f("sealing"),
+        100.0 * pipeline / limit,
+        100.0 * replication / stream,
+        mib = o.mib,
+    );
+    std::fs::create_dir_all(&o.out)?;
+    std::fs::write(
+        o.out.join(format!("{date}-primitives.json")),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    std::fs::write(o.out.join(format!("{date}-primitives.md")), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args).and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("primitives: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
