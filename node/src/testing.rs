@@ -115,6 +115,23 @@ async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[
 
 /// A connection to `target` (a multiaddr ending in `/p2p/<peer id>`) as the identity with this
 /// seed: its stream control, the target's peer id, and the task that drives the swarm.
+/// A swarm with only libp2p-stream, as the identity with this seed, on the node's transport
+/// (TCP with `TCP_NODELAY`, Noise, Yamux defaults).
+fn stream_swarm(seed: u8) -> Result<libp2p::Swarm<libp2p_stream::Behaviour>, NodeError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NodeError::Net(e.to_string()))?
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .map_err(|e| NodeError::Net(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build())
+}
+
 async fn connect(
     seed: u8,
     target: &str,
@@ -130,18 +147,7 @@ async fn connect(
             ));
         }
     };
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NodeError::Net(e.to_string()))?
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .map_err(|e| NodeError::Net(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = stream_swarm(seed)?;
     let control = swarm.behaviour().new_control();
     swarm
         .dial(addr)
@@ -377,23 +383,9 @@ pub fn stranger_probe(
 /// When the swarms cannot be set up or the transfer fails or takes over 10 minutes.
 pub fn stream_throughput(bytes: u64) -> Result<f64, NodeError> {
     const PROTO: &str = "/obnam-bench/stream/1";
-    let build = |seed: u8| -> Result<libp2p::Swarm<libp2p_stream::Behaviour>, NodeError> {
-        Ok(libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_behaviour(|_| libp2p_stream::Behaviour::new())
-            .map_err(|e| NodeError::Net(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build())
-    };
     runtime()?.block_on(async {
-        let mut server = build(201)?;
-        let mut client = build(202)?;
+        let mut server = stream_swarm(201)?;
+        let mut client = stream_swarm(202)?;
         let server_id = *server.local_peer_id();
         let mut incoming = server
             .behaviour()

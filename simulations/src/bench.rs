@@ -6,7 +6,7 @@
 //! Linux only. Everything here reads; nothing changes what it measures except the peak-RSS
 //! reset (`/proc/PID/clear_refs`), which only resets the counter.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -153,18 +153,8 @@ pub fn measure_child(
         .stdout(out)
         .spawn()
         .with_context(|| format!("starting {prog}"))?;
-    let deadline = started + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{prog} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = crate::wait_child(&mut child, timeout, Duration::from_millis(5))
+        .with_context(|| prog.clone())?;
     let wall_s = started.elapsed().as_secs_f64();
     let ru = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .context("getrusage")?;

@@ -136,23 +136,36 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Run> {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_child(&mut child, timeout, Duration::from_millis(20))
+        .with_context(|| format!("{cmd:?}"))?;
     Ok(Run {
         code: status.code().unwrap_or(-1),
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
     })
+}
+
+/// Waits for `child`, polling every `poll`; kills it (by PID) and fails once `timeout` passed.
+///
+/// # Errors
+/// When it cannot be waited for, or times out.
+pub fn wait_child(
+    child: &mut Child,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not finish within {timeout:?}");
+        }
+        std::thread::sleep(poll);
+    }
 }
 
 impl Node {

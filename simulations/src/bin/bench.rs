@@ -582,7 +582,6 @@ fn medians(samples: &[Sample]) -> BTreeMap<String, BTreeMap<String, Value>> {
     let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     let mut keys: Vec<(String, &'static str)> =
         samples.iter().map(|s| (s.tool.clone(), s.phase)).collect();
-    keys.dedup();
     keys.sort();
     keys.dedup();
     for (tool, phase) in keys {
