@@ -56,7 +56,7 @@ impl Default for NodeConfig {
             packs_in_flight: 2,
             idle_connection_timeout_secs: 300,
             replication_timeout_secs: 60,
-            db_cache_mib: 64,
+            db_cache_mib: 16,
             mdns: false,
             upnp: false,
             replicas: 3,

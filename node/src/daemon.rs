@@ -74,12 +74,33 @@ fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
     }
 }
 
+/// Caps glibc's malloc arenas at one per core (at least 2). By default glibc gives threads that
+/// allocate at the same time arenas of their own, up to 8 per core, and each keeps the memory
+/// freed into it: the backup pipeline's threads then held tens of MiB more at their peak than
+/// they use (measured with heaptrack and `bench/scale`; docs/performance.md). Must run before
+/// the process starts other threads.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = i32::try_from(cores.clamp(2, 64)).unwrap_or(2);
+        // SAFETY: `mallopt` only sets a malloc tunable and takes no pointers; it is called
+        // before this process starts any other thread.
+        #[allow(unsafe_code)]
+        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+        if ok != 1 {
+            tracing::debug!(arenas, "mallopt(M_ARENA_MAX) was refused");
+        }
+    }
+}
+
 /// Runs the daemon on its own multi-threaded runtime until SIGINT or SIGTERM (for the
 /// `obnam-node` program, which then needs no runtime of its own).
 ///
 /// # Errors
 /// As [`run`].
 pub fn run_blocking(opts: StartOptions) -> Result<(), NodeError> {
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

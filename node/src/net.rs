@@ -32,6 +32,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 pub const MAX_INBOUND: usize = 64;
 /// Inbound pack streams handled at once.
 pub const MAX_STREAMS: usize = 16;
+/// Inbound connections at once, friends and strangers together. A storage node may serve
+/// a hundred owners uploading at once; each connection holds at most
+/// [`MAX_STREAMS_PER_CONNECTION`] exchange streams and its Yamux windows.
+pub const MAX_CONNECTIONS: u32 = 256;
+/// Inbound connections from nodes that are not friends, at once: strangers may only look up
+/// key slots and prove owner keys, so a few dozen are plenty, and they cannot crowd out friends.
+pub const MAX_STRANGER_CONNECTIONS: usize = 32;
 /// Exchange streams per connection at once: with the connection limits this bounds the memory
 /// a peer can make us hold in request buffers before any handler runs.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 8;
@@ -288,7 +295,7 @@ pub async fn start(
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_pending_incoming(Some(16))
-                        .with_max_established_incoming(Some(32))
+                        .with_max_established_incoming(Some(MAX_CONNECTIONS))
                         .with_max_established_per_peer(Some(2)),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new(
@@ -386,6 +393,7 @@ pub async fn start(
         inbound: Arc::new(Semaphore::new(MAX_INBOUND)),
         addrs,
         connected,
+        strangers: HashSet::new(),
     };
     Ok((net, tokio::spawn(ev.run())))
 }
@@ -403,6 +411,8 @@ pub struct EventLoop {
     inbound: Arc<Semaphore>,
     addrs: Arc<Mutex<Vec<Multiaddr>>>,
     connected: Arc<Mutex<HashSet<PeerId>>>,
+    /// Inbound connections from strangers, at most [`MAX_STRANGER_CONNECTIONS`].
+    strangers: HashSet<libp2p::swarm::ConnectionId>,
 }
 
 impl EventLoop {
@@ -465,6 +475,23 @@ impl EventLoop {
                     a.retain(|x| x != &address);
                 }
             }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } if endpoint.is_listener() && !self.server.is_friend(&peer_id) => {
+                if self.strangers.len() >= MAX_STRANGER_CONNECTIONS {
+                    tracing::debug!(peer = %peer_id, "too many connections from strangers; closing one");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
+                self.strangers.insert(connection_id);
+                if let Ok(mut c) = self.connected.lock() {
+                    c.insert(peer_id);
+                }
+                self.server.on_connected(peer_id);
+            }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 tracing::debug!(peer = %peer_id, "connected");
                 if let Ok(mut c) = self.connected.lock() {
@@ -474,12 +501,16 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                tracing::debug!(peer = %peer_id, "disconnected");
-                if let Ok(mut c) = self.connected.lock() {
-                    c.remove(&peer_id);
+                self.strangers.remove(&connection_id);
+                if num_established == 0 {
+                    tracing::debug!(peer = %peer_id, "disconnected");
+                    if let Ok(mut c) = self.connected.lock() {
+                        c.remove(&peer_id);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),

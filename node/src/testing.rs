@@ -12,6 +12,8 @@ use obnam_protocol::msg::{self, OwnerProof, Request, Response, StreamReply, Stre
 use obnam_protocol::{OwnerId, PackId};
 use std::time::Duration;
 
+pub mod load;
+
 fn key(seed: u8) -> Result<Keypair, NodeError> {
     Keypair::ed25519_from_bytes([seed; 32]).map_err(|e| NodeError::Key(e.to_string()))
 }
@@ -118,7 +120,12 @@ async fn packs_raw(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[
 /// A swarm with only libp2p-stream, as the identity with this seed, on the node's transport
 /// (TCP with `TCP_NODELAY`, Noise, Yamux defaults).
 fn stream_swarm(seed: u8) -> Result<libp2p::Swarm<libp2p_stream::Behaviour>, NodeError> {
-    Ok(libp2p::SwarmBuilder::with_existing_identity(key(seed)?)
+    stream_swarm_as(key(seed)?)
+}
+
+/// [`stream_swarm`] with this identity.
+fn stream_swarm_as(key: Keypair) -> Result<libp2p::Swarm<libp2p_stream::Behaviour>, NodeError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -136,6 +143,14 @@ async fn connect(
     seed: u8,
     target: &str,
 ) -> Result<(libp2p_stream::Control, PeerId, tokio::task::JoinHandle<()>), NodeError> {
+    connect_as(key(seed)?, target).await
+}
+
+/// [`connect`] with this identity.
+async fn connect_as(
+    key: Keypair,
+    target: &str,
+) -> Result<(libp2p_stream::Control, PeerId, tokio::task::JoinHandle<()>), NodeError> {
     let addr: Multiaddr = target
         .parse()
         .map_err(|e| NodeError::Usage(format!("{target}: {e}")))?;
@@ -147,7 +162,7 @@ async fn connect(
             ));
         }
     };
-    let mut swarm = stream_swarm(seed)?;
+    let mut swarm = stream_swarm_as(key)?;
     let control = swarm.behaviour().new_control();
     swarm
         .dial(addr)
