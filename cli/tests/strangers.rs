@@ -173,3 +173,38 @@ fn a_lost_index_is_detected_and_rebuilt_from_friends() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn strangers_cannot_crowd_out_friends() -> TestResult {
+    let dir = crate::util::tempdir("obnam-strangers-")?;
+    let mut a = node(dir.path(), "a", "replicas = 1\n")?;
+    let b = node(dir.path(), "b", "")?;
+    befriend_all(&[&a, &b])?;
+    a.init("alice")?;
+    a.stop();
+    let target = format!("{}/p2p/{}", b.addrs[0], b.peer_id);
+    let (kept_tx, kept_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let flood = std::thread::spawn(move || {
+        obnam_node::testing::stranger_flood(150, 40, &target, kept_tx, release_rx)
+    });
+    let kept = kept_rx.recv_timeout(Duration::from_secs(120))?;
+    assert_eq!(
+        kept,
+        obnam_node::net::MAX_STRANGER_CONNECTIONS,
+        "of 40 strangers, the node keeps only its cap"
+    );
+    // With the strangers' connections full, a friend still gets in and stores a backup.
+    a.start()?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("letter.txt"), b"friends first")?;
+    std::fs::write(src.join("noise.bin"), crate::util::noise(200_000, 11))?;
+    let report = a.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 1, "{report}");
+    drop(release_tx);
+    flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+    Ok(())
+}

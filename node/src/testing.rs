@@ -494,3 +494,41 @@ pub fn stream_throughput(bytes: u64) -> Result<f64, NodeError> {
         Ok(rate)
     })
 }
+
+/// Connects `count` strangers (identities `first..first + count`) to `target` one after another,
+/// waits a moment, and sends on `kept` how many connections the node kept open (a stranger whose
+/// connection is open gets a nonce; one whose connection was closed cannot reach the node, for
+/// its swarm knows no address to dial again). The connections stay open until `release`
+/// receives or is dropped. For the test of the node's cap on strangers' connections.
+///
+/// # Errors
+/// When a stranger cannot connect at all.
+pub fn stranger_flood(
+    first: u8,
+    count: u8,
+    target: &str,
+    kept: std::sync::mpsc::Sender<usize>,
+    release: std::sync::mpsc::Receiver<()>,
+) -> Result<(), NodeError> {
+    runtime()?.block_on(async {
+        let mut open = Vec::new();
+        for seed in first..first.saturating_add(count) {
+            open.push(connect(seed, target).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut answered = 0;
+        for (control, peer, _) in &mut open {
+            if let Some(Response::Nonce(_)) =
+                exchange_decoded(control, *peer, &msg::frame(&Request::Nonce)).await
+            {
+                answered += 1;
+            }
+        }
+        let _ = kept.send(answered);
+        let _ = tokio::task::spawn_blocking(move || release.recv()).await;
+        for (_, _, driver) in open {
+            driver.abort();
+        }
+        Ok(())
+    })
+}

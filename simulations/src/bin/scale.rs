@@ -125,6 +125,9 @@ fn backup(node: &Node, src: &Path, timeout: Duration) -> Result<Value> {
     let src = src
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 work directory"))?;
+    // Start from a quiet disk: the write-back of the tree or of an earlier run's files would
+    // otherwise land in this measurement.
+    run_with_timeout(std::process::Command::new("sync"), timeout)?;
     let watch = Watch::start(pid)?;
     let t = Instant::now();
     let run = run_with_timeout(node.command(&["backup", src, "--json"]), timeout)?;
