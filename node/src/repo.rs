@@ -71,6 +71,9 @@ pub struct Repo {
     index_problem: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// Where packs fetched from friends are kept during one operation.
     cache_dir: std::path::PathBuf,
+    /// Packs being fetched into `cache_dir` now: a second reader waits for the first fetch
+    /// instead of fetching the pack again (a restore's prefetch and its file writers).
+    fetching: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<obnam_protocol::PackId>>>,
 }
 
 impl Repo {
@@ -117,6 +120,7 @@ impl Repo {
             remote: std::sync::Arc::new(std::sync::OnceLock::new()),
             index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
             cache_dir,
+            fetching: std::sync::Arc::default(),
         })
     }
 
@@ -143,6 +147,7 @@ impl Repo {
             .data
             .join("cache")
             .join(tag.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        r.fetching = std::sync::Arc::default();
         r
     }
 
@@ -405,7 +410,7 @@ impl Repo {
             })?;
             remote
                 .handle
-                .block_on(self.fetch_pack(remote, keys, *pack))?;
+                .block_on(self.ensure_cached(remote, keys, *pack))?;
         }
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(&cached)
@@ -416,8 +421,10 @@ impl Repo {
         Ok(buf)
     }
 
-    /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time, skipping
-    /// those already here. Call from a blocking thread.
+    /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time and in the
+    /// order given, skipping those already here or being fetched. Call from a blocking thread;
+    /// readers of the same packs ([`Repo::pack_range`]) may run at the same time and wait for
+    /// these fetches instead of repeating them. Once `stop` is set, no more fetches start.
     ///
     /// # Errors
     /// The first pack that no friend could supply.
@@ -425,6 +432,7 @@ impl Repo {
         &self,
         keys: &Keys,
         packs: Vec<obnam_protocol::PackId>,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<(), NodeError> {
         use futures::StreamExt;
         let wanted: Vec<_> = packs
@@ -438,11 +446,47 @@ impl Repo {
             NodeError::Net("packs are not in the outbox and the network is not running".into())
         })?;
         let results: Vec<Result<(), NodeError>> = remote.handle.block_on(
-            futures::stream::iter(wanted.into_iter().map(|p| self.fetch_pack(remote, keys, p)))
-                .buffer_unordered(FETCH_PARALLEL)
-                .collect(),
+            futures::stream::iter(wanted.into_iter().map(|p| async move {
+                // Once the caller stops (its restore failed), start no more fetches.
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                self.ensure_cached(remote, keys, p).await
+            }))
+            .buffer_unordered(FETCH_PARALLEL)
+            .collect(),
         );
         results.into_iter().collect()
+    }
+
+    /// Makes sure `pack` is in the outbox or the cache: waits for a fetch of it already under
+    /// way, or fetches it (one fetch per pack at a time).
+    async fn ensure_cached(
+        &self,
+        remote: &Remote,
+        keys: &Keys,
+        pack: obnam_protocol::PackId,
+    ) -> Result<(), NodeError> {
+        loop {
+            if self.outbox.path(&pack).exists() || self.cache_path(&pack).exists() {
+                return Ok(());
+            }
+            let claimed = self
+                .fetching
+                .lock()
+                .map_err(|_| NodeError::Net("the fetch table is poisoned".into()))?
+                .insert(pack);
+            if claimed {
+                let result = self.fetch_pack(remote, keys, pack).await;
+                if let Ok(mut f) = self.fetching.lock() {
+                    f.remove(&pack);
+                }
+                return result;
+            }
+            // Another reader is fetching it: wait, then look again (if that fetch failed,
+            // this reader tries itself).
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     async fn fetch_pack(

@@ -177,20 +177,28 @@ pub fn restore(
             ));
         }
     }
-    // Fetch the packs of the selected files from friends, several at a time, before writing.
-    let mut packs = std::collections::HashSet::new();
+    // The packs of the selected files, in the order the walk below needs them.
+    let mut packs = Vec::new();
     let probe = Restorer::new(repo, keys, events, filters.clone(), id, None);
-    probe.collect(&record.root, &mut Vec::new(), &mut packs);
-    if let Err(e) = repo.prefetch(keys, packs.into_iter().collect()) {
-        tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
-    }
-    for w in repo.take_warnings() {
-        events.send(Event::Warning(w));
-    }
+    probe.collect(
+        &record.root,
+        &mut Vec::new(),
+        &mut packs,
+        &mut std::collections::HashSet::new(),
+    );
     // Files are written by a pool of threads (opening, decompressing and checking chunks is
     // CPU work), out of order; directories get their metadata once their files are done.
     let threads = repo.config.seal_threads();
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let (report, result) = std::thread::scope(|s| {
+        // Packs come from friends, several at a time, in that order, while the files are
+        // written: a writer that needs a pack being fetched waits for that fetch.
+        let stop = &stop;
+        s.spawn(move || {
+            if let Err(e) = repo.prefetch(keys, packs, stop) {
+                tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
+            }
+        });
         let (job_tx, job_rx) = sync_channel::<FileJob>(threads * 4);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<FileDone>();
@@ -205,6 +213,8 @@ pub fn restore(
         let mut result = r.restore_dir(&record.root, &target, &mut Vec::new());
         r.flush_dirs();
         r.pool = None;
+        // Every pack the walk needed has been read; after a failure, fetch no more.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if result.is_ok() {
             // One sync for the whole restore instead of one per file.
             result = std::fs::File::open(&target)
@@ -407,7 +417,8 @@ impl<'a> Restorer<'a> {
         &self,
         tree: &[ChunkId],
         parts: &mut Vec<Vec<u8>>,
-        out: &mut std::collections::HashSet<obnam_protocol::PackId>,
+        out: &mut Vec<obnam_protocol::PackId>,
+        seen: &mut std::collections::HashSet<obnam_protocol::PackId>,
     ) {
         let Ok(tree) = self.repo.read_tree(self.keys, tree) else {
             return;
@@ -416,11 +427,13 @@ impl<'a> Restorer<'a> {
             parts.push(e.name.clone());
             match (self.select(parts), e.kind) {
                 (Selection::No, _) => {}
-                (_, EntryKind::Dir) => self.collect(&e.content, parts, out),
+                (_, EntryKind::Dir) => self.collect(&e.content, parts, out, seen),
                 (Selection::All, EntryKind::File) => {
                     for c in &e.content {
-                        if let Ok(Some(loc)) = self.repo.store.chunk(c) {
-                            out.insert(loc.pack);
+                        if let Ok(Some(loc)) = self.repo.store.chunk(c)
+                            && seen.insert(loc.pack)
+                        {
+                            out.push(loc.pack);
                         }
                     }
                 }
