@@ -146,10 +146,16 @@ mod tests {
         }
         // Runs of zeros make maximum-size chunks.
         data[3_000_000..8_000_000].fill(0);
+        for p in [ChunkerParams::V1, ChunkerParams::DEFAULT] {
+            assert!(supported(&p));
+            same_cuts_as_stream_cdc(&data, &p);
+        }
+    }
+
+    fn same_cuts_as_stream_cdc(data: &[u8], p: &ChunkerParams) {
         let seed = 42;
-        let p = ChunkerParams::V1;
         let expected: Vec<usize> = fastcdc::v2020::StreamCDC::with_level_and_seed(
-            &data[..],
+            data,
             p.min as usize,
             p.avg as usize,
             p.max as usize,
@@ -158,8 +164,9 @@ mod tests {
         )
         .map(|c| c.unwrap().length)
         .collect();
-        let mut chunker = Chunker::new(&p, seed);
-        assert_eq!(chunker.lengths(&data), expected);
+        let mut chunker = Chunker::new(p, seed);
+        assert_eq!(chunker.lengths(data), expected);
+        assert!(expected.iter().all(|&l| l <= p.max as usize));
         // A reader that returns odd-sized short reads gives the same chunks and bytes.
         struct Dribble<'a>(&'a [u8], usize);
         impl Read for Dribble<'_> {
@@ -172,7 +179,7 @@ mod tests {
             }
         }
         chunker.reset();
-        let mut r = Dribble(&data, 0);
+        let mut r = Dribble(data, 0);
         let mut got = Vec::new();
         while let Some(c) = chunker.next_chunk(&mut r) {
             got.extend_from_slice(c.unwrap());

@@ -221,7 +221,8 @@ impl Repo {
         Ok(adopted)
     }
 
-    /// The chunker parameters in force: those of the head, or version 1 for a new owner.
+    /// The chunker parameters in force: those of the head, or [`ChunkerParams::DEFAULT`] for a
+    /// new owner.
     ///
     /// # Errors
     /// As [`Repo::head_body`].
@@ -229,7 +230,7 @@ impl Repo {
         Ok(self
             .head_body(keys)?
             .map(|(_, _, b)| b.chunker)
-            .unwrap_or(ChunkerParams::V1))
+            .unwrap_or(ChunkerParams::DEFAULT))
     }
 
     /// The current head, verified and opened.

@@ -259,6 +259,44 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     })
 }
 
+/// Removes a directory tree; one that does not exist is fine.
+///
+/// # Errors
+/// When it exists and cannot be removed.
+pub fn remove_tree(p: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
+    }
+}
+
+/// Makes (or reuses) the pristine `scale` dataset under `work` with `shared`'s `make-dataset`.
+///
+/// # Errors
+/// When `make-dataset` fails.
+pub fn pristine_dataset(shared: &Path, work: &Path, scale: &str) -> Result<std::path::PathBuf> {
+    let dir = work.join(format!("{scale}-pristine"));
+    let id = dir.join("DATASET_ID");
+    let ok = std::fs::read_to_string(&id)
+        .is_ok_and(|t| t.contains(&format!("scale={scale}")) && !t.contains("round"));
+    if ok {
+        return Ok(dir);
+    }
+    remove_tree(&dir)?;
+    eprintln!("making the {scale} dataset in {}", dir.display());
+    let status = Command::new(shared.join("make-dataset"))
+        .arg(&dir)
+        .arg(scale)
+        .stdout(Stdio::null())
+        .status()
+        .context("running make-dataset")?;
+    if !status.success() {
+        anyhow::bail!("make-dataset {scale} failed");
+    }
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

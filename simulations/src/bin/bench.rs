@@ -173,13 +173,7 @@ impl Ctx {
     }
 }
 
-fn remove(p: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
-    }
-}
+use obnam_simulations::bench::remove_tree as remove;
 
 /// One measured phase of one tool in one round.
 #[derive(Debug, Clone)]
@@ -554,29 +548,6 @@ fn shell(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Makes (or reuses) the pristine dataset under `work`.
-fn dataset(shared: &Path, work: &Path, scale: &str) -> Result<PathBuf> {
-    let dir = work.join(format!("{scale}-pristine"));
-    let id = dir.join("DATASET_ID");
-    let ok = std::fs::read_to_string(&id)
-        .is_ok_and(|t| t.contains(&format!("scale={scale}")) && !t.contains("round"));
-    if ok {
-        return Ok(dir);
-    }
-    remove(&dir)?;
-    eprintln!("making the {scale} dataset in {}", dir.display());
-    let status = Command::new(shared.join("make-dataset"))
-        .arg(&dir)
-        .arg(scale)
-        .stdout(Stdio::null())
-        .status()
-        .context("running make-dataset")?;
-    if !status.success() {
-        bail!("make-dataset {scale} failed");
-    }
-    Ok(dir)
-}
-
 /// Medians per tool and phase.
 fn medians(samples: &[Sample]) -> BTreeMap<String, BTreeMap<String, Value>> {
     let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
@@ -826,7 +797,7 @@ fn run(o: Options) -> Result<()> {
     let ctx = Ctx {
         exe: std::env::current_exe()?,
         bins: Bins::beside_current_exe()?,
-        pristine: dataset(&shared, &o.work, &o.dataset)?,
+        pristine: obnam_simulations::bench::pristine_dataset(&shared, &o.work, &o.dataset)?,
         shared,
         work: o.work.clone(),
         deadline: started + Duration::from_secs(o.max_minutes * 60),

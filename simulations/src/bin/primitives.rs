@@ -96,7 +96,7 @@ fn parse(args: &[String]) -> Result<Options> {
 /// Single-core rates in MB/s.
 fn cpu_stages(data: &[u8], level: i32) -> Result<Value> {
     let keys = Keys::derive(&MasterSecret::generate());
-    let mut chunker = Chunker::new(&ChunkerParams::V1, keys.gear_seed());
+    let mut chunker = Chunker::new(&ChunkerParams::DEFAULT, keys.gear_seed());
     let chunking = rate(data.len(), || {
         std::hint::black_box(chunker.lengths(data));
     });
