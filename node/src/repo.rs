@@ -71,9 +71,38 @@ pub struct Repo {
     index_problem: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// Where packs fetched from friends are kept during one operation.
     cache_dir: std::path::PathBuf,
-    /// Packs being fetched into `cache_dir` now: a second reader waits for the first fetch
-    /// instead of fetching the pack again (a restore's prefetch and its file writers).
-    fetching: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<obnam_protocol::PackId>>>,
+    /// Packs being fetched into `cache_dir` now, and fetches that failed lately: a second
+    /// reader waits for the first fetch instead of fetching the pack again (a restore's
+    /// prefetch and its file writers), and shares its failure.
+    fetching: std::sync::Arc<std::sync::Mutex<FetchTable>>,
+}
+
+/// How long a failed fetch is remembered: readers of the same pack get its error instead of
+/// asking every friend again; after that, a reader tries again (a friend may be back).
+const FETCH_FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// See [`Repo::ensure_cached`].
+#[derive(Default)]
+struct FetchTable {
+    in_flight: std::collections::HashSet<obnam_protocol::PackId>,
+    failed: std::collections::HashMap<obnam_protocol::PackId, (std::time::Instant, String)>,
+}
+
+/// A claim on fetching one pack; dropping it (after the fetch, or when the fetch is cancelled
+/// or panics) lets other readers go on.
+struct Claim<'a> {
+    table: &'a std::sync::Mutex<FetchTable>,
+    pack: obnam_protocol::PackId,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .in_flight
+            .remove(&self.pack);
+    }
 }
 
 impl Repo {
@@ -425,7 +454,8 @@ impl Repo {
     /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time and in the
     /// order given, skipping those already here or being fetched. Call from a blocking thread;
     /// readers of the same packs ([`Repo::pack_range`]) may run at the same time and wait for
-    /// these fetches instead of repeating them. Once `stop` is set, no more fetches start.
+    /// these fetches instead of repeating them. Once `stop` is set, the fetches under way are
+    /// dropped and no more start.
     ///
     /// # Errors
     /// The first pack that no friend could supply.
@@ -448,11 +478,16 @@ impl Repo {
         })?;
         let results: Vec<Result<(), NodeError>> = remote.handle.block_on(
             futures::stream::iter(wanted.into_iter().map(|p| async move {
-                // Once the caller stops (its restore failed), start no more fetches.
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok(());
+                // Once the caller stops (its walk ended or failed), fetches end.
+                let stopped = async {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                };
+                tokio::select! {
+                    r = self.ensure_cached(remote, keys, p) => r,
+                    () = stopped => Ok(()),
                 }
-                self.ensure_cached(remote, keys, p).await
             }))
             .buffer_unordered(FETCH_PARALLEL)
             .collect(),
@@ -468,24 +503,45 @@ impl Repo {
         keys: &Keys,
         pack: obnam_protocol::PackId,
     ) -> Result<(), NodeError> {
+        let here = || self.outbox.path(&pack).exists() || self.cache_path(&pack).exists();
         loop {
-            if self.outbox.path(&pack).exists() || self.cache_path(&pack).exists() {
+            if here() {
                 return Ok(());
             }
-            let claimed = self
-                .fetching
-                .lock()
-                .map_err(|_| NodeError::Net("the fetch table is poisoned".into()))?
-                .insert(pack);
-            if claimed {
-                let result = self.fetch_pack(remote, keys, pack).await;
-                if let Ok(mut f) = self.fetching.lock() {
-                    f.remove(&pack);
+            let claim = {
+                let mut t = self
+                    .fetching
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some((at, why)) = t.failed.get(&pack) {
+                    if at.elapsed() < FETCH_FAILURE_MEMORY {
+                        return Err(NodeError::Net(why.clone()));
+                    }
+                    t.failed.remove(&pack);
                 }
+                // Lazily: a `Claim` made and dropped here would lock the table again.
+                t.in_flight.insert(pack).then(|| Claim {
+                    table: &self.fetching,
+                    pack,
+                })
+            };
+            if let Some(claim) = claim {
+                // The fetch that held the claim before may have finished just now.
+                if here() {
+                    return Ok(());
+                }
+                let result = self.fetch_pack(remote, keys, pack).await;
+                if let Err(e) = &result {
+                    self.fetching
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .failed
+                        .insert(pack, (std::time::Instant::now(), e.full_message()));
+                }
+                drop(claim);
                 return result;
             }
-            // Another reader is fetching it: wait, then look again (if that fetch failed,
-            // this reader tries itself).
+            // Another reader is fetching it: wait for that fetch, then look again.
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }

@@ -22,6 +22,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -192,8 +193,10 @@ pub fn restore(
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (report, result) = std::thread::scope(|s| {
         // Packs come from friends, several at a time, in that order, while the files are
-        // written: a writer that needs a pack being fetched waits for that fetch.
+        // written: a writer that needs a pack being fetched waits for that fetch. When the walk
+        // ends, fails or panics, the prefetch stops.
         let stop = &stop;
+        let _stop_on_exit = StopOnDrop(stop);
         s.spawn(move || {
             if let Err(e) = repo.prefetch(keys, packs, stop) {
                 tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
@@ -214,7 +217,7 @@ pub fn restore(
         r.flush_dirs();
         r.pool = None;
         // Every pack the walk needed has been read; after a failure, fetch no more.
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         if result.is_ok() {
             // One sync for the whole restore instead of one per file.
             result = std::fs::File::open(&target)
@@ -229,6 +232,15 @@ pub fn restore(
     repo.clear_cache();
     result?;
     Ok(report)
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A file for the pool to write.

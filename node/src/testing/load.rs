@@ -67,6 +67,8 @@ pub struct LoadReport {
 
 /// How long an owner keeps trying one step before [`upload`] gives up.
 const STEP_LIMIT: Duration = Duration::from_secs(300);
+/// How long one exchange, or one pack on a stream, may take before it counts as broken.
+const IO_LIMIT: Duration = Duration::from_secs(120);
 
 async fn pause(attempt: u32) {
     let ms = (50u64 << attempt.min(5)).min(2000);
@@ -129,11 +131,14 @@ impl Session {
     }
 
     async fn exchange(&mut self, req: &Request) -> Result<Response, NodeError> {
-        exchange_decoded(&mut self.control, self.peer, &msg::frame(req))
-            .await
-            .ok_or_else(|| {
-                NodeError::Net(format!("load owner {}: no answer to {req:?}", self.index))
-            })
+        tokio::time::timeout(
+            IO_LIMIT,
+            exchange_decoded(&mut self.control, self.peer, &msg::frame(req)),
+        )
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| NodeError::Net(format!("load owner {}: no answer to {req:?}", self.index)))
     }
 
     async fn prove(&mut self) -> Result<(), NodeError> {
@@ -214,7 +219,11 @@ impl Session {
                         }
                     },
                 };
-                match put(s, self.owner, pack, len, &header, filler).await {
+                let attempt_result =
+                    tokio::time::timeout(IO_LIMIT, put(s, self.owner, pack, len, &header, filler))
+                        .await
+                        .unwrap_or_else(|_| Err(Attempt::Broken("timed out".into())));
+                match attempt_result {
                     Ok(()) => {
                         stored += len;
                         break;
@@ -328,8 +337,9 @@ pub fn register(
     })
 }
 
-/// Load owners `owners` connect to the storage node at `target`, prove their keys, and then,
-/// all at once, each store `packs` packs of `pack_len` bytes. The clock runs from the moment
+/// Load owners `owners` (at most the node's 256 connections) connect to the storage node at
+/// `target`, prove their keys, and then, all at once, each store `packs` packs of `pack_len`
+/// bytes. The clock runs from the moment
 /// the last owner is ready until the last pack is acknowledged.
 ///
 /// # Errors
