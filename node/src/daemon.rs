@@ -76,14 +76,14 @@ fn load_or_create_key(path: &Path) -> Result<Keypair, NodeError> {
 
 /// Allocations from this size on get pages of their own (see [`limit_malloc_arenas`]).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: i32 = 256 * 1024;
+const MMAP_THRESHOLD: i32 = 4 * 1024 * 1024;
 
 /// Caps glibc's malloc arenas at one per core (at least 2) and fixes its mmap threshold at
-/// 256 KiB, unless `MALLOC_ARENA_MAX` is set in the environment. By default glibc gives threads that
+/// 4 MiB, unless `MALLOC_ARENA_MAX` is set in the environment. By default glibc gives threads that
 /// allocate at the same time arenas of their own, up to 8 per core, and each keeps the memory
 /// freed into it: the backup pipeline's threads then held tens of MiB more at their peak than
 /// they use, and large freed blocks stayed in the arenas too (measured with heaptrack and
-/// `bench/scale`: 1 M files, 142 MiB → 84 MiB; docs/performance.md). Must run before
+/// `bench/scale`: 1 M files, 157 MiB → 71 MiB; docs/performance.md). Must run before
 /// the process starts other threads.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -101,9 +101,10 @@ fn limit_malloc_arenas() {
         if ok != 1 {
             tracing::debug!(arenas, "mallopt(M_ARENA_MAX) was refused");
         }
-        // Blocks of 256 KiB and more (chunk buffers, packs) come from mmap and go back to the
-        // system when freed, instead of staying in an arena; a fixed threshold also stops
-        // glibc from raising it after the first large free.
+        // Blocks of 4 MiB and more (pack buffers) come from mmap and go back to the system
+        // when freed, instead of staying in an arena; a fixed threshold also stops glibc from
+        // raising it after the first large free. A lower one (256 KiB, which took the chunk
+        // buffers too) cost a third of the pipeline's rate in page faults and unmaps.
         // SAFETY: as above.
         #[allow(unsafe_code)]
         let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
