@@ -297,6 +297,56 @@ pub fn pristine_dataset(shared: &Path, work: &Path, scale: &str) -> Result<std::
     Ok(dir)
 }
 
+/// Today's date (UTC, `YYYY-MM-DD`), which names the results files.
+///
+/// # Errors
+/// When `date` cannot run.
+pub fn today() -> Result<String> {
+    let out = Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .context("running date")?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// Writes `OUT/DATE-KIND.json` and `OUT/DATE-KIND.md` (`-KIND` left out when `kind` is empty)
+/// and prints the Markdown.
+///
+/// # Errors
+/// When the files cannot be written.
+pub fn write_results(out: &Path, date: &str, kind: &str, doc: &Value, md: &str) -> Result<()> {
+    let stem = if kind.is_empty() {
+        date.to_owned()
+    } else {
+        format!("{date}-{kind}")
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(doc)?,
+    )?;
+    std::fs::write(out.join(format!("{stem}.md")), md)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// The `main` of a benchmark program: parses the arguments, runs, and reports a failure as
+/// `NAME: error` with exit code 1.
+pub fn main_with<O>(
+    name: &str,
+    parse: impl FnOnce(&[String]) -> Result<O>,
+    run: impl FnOnce(O) -> Result<()>,
+) -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args).and_then(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,14 +218,7 @@ fn run(o: Options) -> Result<()> {
     let share = all / one.max(f64::MIN_POSITIVE);
     let final_status = node.status()?;
     node.stop();
-    let date = String::from_utf8(
-        std::process::Command::new("date")
-            .args(["-u", "+%F"])
-            .output()?
-            .stdout,
-    )?
-    .trim()
-    .to_owned();
+    let date = obnam_simulations::bench::today()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let doc = json!({
         "date": date,
@@ -277,13 +270,7 @@ fn run(o: Options) -> Result<()> {
         mr = registered.peak_rss as f64 / MIB,
         hb = final_status["hosted_bytes"].as_f64().unwrap_or(0.0) / MIB,
     );
-    std::fs::create_dir_all(&o.out)?;
-    std::fs::write(
-        o.out.join(format!("{date}-owners.json")),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    std::fs::write(o.out.join(format!("{date}-owners.md")), &md)?;
-    println!("{md}");
+    obnam_simulations::bench::write_results(&o.out, &date, "owners", &doc, &md)?;
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -294,12 +281,5 @@ fn median_of(v: &[Value], key: &str) -> f64 {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(&args).and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("owners: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    obnam_simulations::bench::main_with("owners", parse, run)
 }

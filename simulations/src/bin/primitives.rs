@@ -227,14 +227,7 @@ fn run(o: Options) -> Result<()> {
     let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
     eprintln!("obnam: backup with no friend, then replication to one…");
     let (pipeline, replication, replicated) = pipeline_and_replication(&o.work, &data)?;
-    let date = String::from_utf8(
-        std::process::Command::new("date")
-            .args(["-u", "+%F"])
-            .output()?
-            .stdout,
-    )?
-    .trim()
-    .to_owned();
+    let date = obnam_simulations::bench::today()?;
     let doc = json!({
         "date": date,
         "cores": cores,
@@ -273,23 +266,10 @@ fn run(o: Options) -> Result<()> {
         100.0 * replication / stream,
         mib = o.mib,
     );
-    std::fs::create_dir_all(&o.out)?;
-    std::fs::write(
-        o.out.join(format!("{date}-primitives.json")),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    std::fs::write(o.out.join(format!("{date}-primitives.md")), &md)?;
-    println!("{md}");
+    obnam_simulations::bench::write_results(&o.out, &date, "primitives", &doc, &md)?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(&args).and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("primitives: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    obnam_simulations::bench::main_with("primitives", parse, run)
 }

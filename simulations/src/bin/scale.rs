@@ -206,14 +206,7 @@ fn run(o: Options) -> Result<()> {
     };
     let (small, large) = (&rows[0], &rows[rows.len() - 1]);
     let ratio = rss(large) / rss(small).max(1.0);
-    let date = String::from_utf8(
-        std::process::Command::new("date")
-            .args(["-u", "+%F"])
-            .output()?
-            .stdout,
-    )?
-    .trim()
-    .to_owned();
+    let date = obnam_simulations::bench::today()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let doc = json!({
         "date": date,
@@ -254,23 +247,10 @@ fn run(o: Options) -> Result<()> {
         small["files"],
         if ratio < 1.5 { "met" } else { "not met" }
     );
-    std::fs::create_dir_all(&o.out)?;
-    std::fs::write(
-        o.out.join(format!("{date}-scale.json")),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    std::fs::write(o.out.join(format!("{date}-scale.md")), &md)?;
-    println!("{md}");
+    obnam_simulations::bench::write_results(&o.out, &date, "scale", &doc, &md)?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(&args).and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("scale: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    obnam_simulations::bench::main_with("scale", parse, run)
 }

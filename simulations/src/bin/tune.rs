@@ -244,9 +244,7 @@ fn run(o: Options) -> Result<()> {
         })
         .collect();
 
-    let date = String::from_utf8(Command::new("date").args(["-u", "+%F"]).output()?.stdout)?
-        .trim()
-        .to_owned();
+    let date = obnam_simulations::bench::today()?;
     let doc = json!({
         "date": date,
         "dataset": o.dataset,
@@ -298,24 +296,11 @@ fn run(o: Options) -> Result<()> {
             p["padding_share"].as_f64().unwrap_or(0.0)
         );
     }
-    std::fs::create_dir_all(&o.out)?;
-    std::fs::write(
-        o.out.join(format!("{date}-tune.json")),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
-    std::fs::write(o.out.join(format!("{date}-tune.md")), &md)?;
+    obnam_simulations::bench::write_results(&o.out, &date, "tune", &doc, &md)?;
     remove_tree(&mutated)?;
-    println!("{md}");
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(&args).and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tune: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    obnam_simulations::bench::main_with("tune", parse, run)
 }
