@@ -480,19 +480,15 @@ impl EventLoop {
                 connection_id,
                 endpoint,
                 ..
-            } if endpoint.is_listener() && !self.server.is_friend(&peer_id) => {
-                if self.strangers.len() >= MAX_STRANGER_CONNECTIONS {
-                    tracing::debug!(peer = %peer_id, "too many connections from strangers; closing one");
-                    self.swarm.close_connection(connection_id);
-                    return;
+            } => {
+                if endpoint.is_listener() && !self.server.is_friend(&peer_id) {
+                    if self.strangers.len() >= MAX_STRANGER_CONNECTIONS {
+                        tracing::debug!(peer = %peer_id, "too many connections from strangers; closing one");
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    self.strangers.insert(connection_id);
                 }
-                self.strangers.insert(connection_id);
-                if let Ok(mut c) = self.connected.lock() {
-                    c.insert(peer_id);
-                }
-                self.server.on_connected(peer_id);
-            }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 tracing::debug!(peer = %peer_id, "connected");
                 if let Ok(mut c) = self.connected.lock() {
                     c.insert(peer_id);

@@ -297,6 +297,59 @@ pub fn pristine_dataset(shared: &Path, work: &Path, scale: &str) -> Result<std::
     Ok(dir)
 }
 
+/// Where the benchmarks keep their datasets and scratch files unless told otherwise.
+pub const WORK_DIR: &str = "/var/tmp/obnam-bench";
+
+/// This workspace's `bench/results/`, where the benchmarks write their tables.
+///
+/// # Errors
+/// When the workspace root cannot be found from this crate's directory.
+pub fn results_dir() -> Result<std::path::PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|root| root.join("bench").join("results"))
+        .ok_or_else(|| anyhow!("no workspace root"))
+}
+
+/// A benchmark's command line: flags, each followed by its value.
+pub struct Flags<'a> {
+    it: std::slice::Iter<'a, String>,
+}
+
+impl<'a> Flags<'a> {
+    /// The arguments after the program name.
+    pub fn new(args: &'a [String]) -> Self {
+        Self { it: args.iter() }
+    }
+
+    /// The next flag.
+    pub fn next_flag(&mut self) -> Option<&'a str> {
+        self.it.next().map(String::as_str)
+    }
+
+    /// The value that follows `flag`.
+    ///
+    /// # Errors
+    /// When there is none.
+    pub fn value(&mut self, flag: &str) -> Result<String> {
+        self.it
+            .next()
+            .cloned()
+            .ok_or_else(|| anyhow!("{flag} needs a value"))
+    }
+
+    /// The value that follows `flag`, parsed.
+    ///
+    /// # Errors
+    /// When there is none, or it does not parse.
+    pub fn parsed<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        self.value(flag)?.parse().context(flag.to_owned())
+    }
+}
+
 /// Today's date (UTC, `YYYY-MM-DD`), which names the results files.
 ///
 /// # Errors

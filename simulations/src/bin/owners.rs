@@ -22,7 +22,7 @@ use obnam_node::testing::load;
 use obnam_simulations::bench::{Watch, median};
 use obnam_simulations::{Bins, Node};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -44,9 +44,6 @@ const USAGE: &str = "usage: owners [--owners N] [--registered N] [--packs N] [--
                      [--pack-mib N] [--rounds N] [--work DIR] [--out DIR]";
 
 fn parse(args: &[String]) -> Result<Options> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| anyhow!("no workspace root"))?;
     let mut o = Options {
         owners: 100,
         registered: 1000,
@@ -54,26 +51,20 @@ fn parse(args: &[String]) -> Result<Options> {
         single_packs: 48,
         pack_mib: 8,
         rounds: 3,
-        work: PathBuf::from("/var/tmp/obnam-bench"),
-        out: root.join("bench").join("results"),
+        work: PathBuf::from(obnam_simulations::bench::WORK_DIR),
+        out: obnam_simulations::bench::results_dir()?,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{a} needs a value"))
-        };
-        let mut number = |name: &str| -> Result<u32> { value()?.parse().context(name.to_owned()) };
-        match a.as_str() {
-            "--owners" => o.owners = number("--owners")?,
-            "--registered" => o.registered = number("--registered")?,
-            "--packs" => o.packs = number("--packs")?,
-            "--single-packs" => o.single_packs = number("--single-packs")?,
-            "--pack-mib" => o.pack_mib = number("--pack-mib")? as usize,
-            "--rounds" => o.rounds = number("--rounds")?,
-            "--work" => o.work = PathBuf::from(value()?),
-            "--out" => o.out = PathBuf::from(value()?),
+    let mut f = obnam_simulations::bench::Flags::new(args);
+    while let Some(a) = f.next_flag() {
+        match a {
+            "--owners" => o.owners = f.parsed(a)?,
+            "--registered" => o.registered = f.parsed(a)?,
+            "--packs" => o.packs = f.parsed(a)?,
+            "--single-packs" => o.single_packs = f.parsed(a)?,
+            "--pack-mib" => o.pack_mib = f.parsed(a)?,
+            "--rounds" => o.rounds = f.parsed(a)?,
+            "--work" => o.work = PathBuf::from(f.value(a)?),
+            "--out" => o.out = PathBuf::from(f.value(a)?),
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }

@@ -33,34 +33,27 @@ const USAGE: &str = "usage: scale [--counts 100000,1000000] [--per-dir N] [--wor
                      [--out DIR] [--max-minutes M]";
 
 fn parse(args: &[String]) -> Result<Options> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| anyhow!("no workspace root"))?;
     let mut o = Options {
         counts: vec![100_000, 1_000_000],
         per_dir: 1000,
-        work: PathBuf::from("/var/tmp/obnam-bench"),
-        out: root.join("bench").join("results"),
+        work: PathBuf::from(obnam_simulations::bench::WORK_DIR),
+        out: obnam_simulations::bench::results_dir()?,
         max_minutes: 90,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{a} needs a value"))
-        };
-        match a.as_str() {
+    let mut f = obnam_simulations::bench::Flags::new(args);
+    while let Some(a) = f.next_flag() {
+        match a {
             "--counts" => {
-                o.counts = value()?
+                o.counts = f
+                    .value(a)?
                     .split(',')
                     .map(|c| c.trim().parse::<u64>().context("--counts"))
                     .collect::<Result<_>>()?;
             }
-            "--per-dir" => o.per_dir = value()?.parse().context("--per-dir")?,
-            "--work" => o.work = PathBuf::from(value()?),
-            "--out" => o.out = PathBuf::from(value()?),
-            "--max-minutes" => o.max_minutes = value()?.parse().context("--max-minutes")?,
+            "--per-dir" => o.per_dir = f.parsed(a)?,
+            "--work" => o.work = PathBuf::from(f.value(a)?),
+            "--out" => o.out = PathBuf::from(f.value(a)?),
+            "--max-minutes" => o.max_minutes = f.parsed(a)?,
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }

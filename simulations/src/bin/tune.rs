@@ -37,25 +37,17 @@ struct Options {
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| anyhow!("no workspace root"))?;
     let mut o = Options {
         dataset: "medium".into(),
-        work: PathBuf::from("/var/tmp/obnam-bench"),
-        out: root.join("bench").join("results"),
+        work: PathBuf::from(obnam_simulations::bench::WORK_DIR),
+        out: obnam_simulations::bench::results_dir()?,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{a} needs a value"))
-        };
-        match a.as_str() {
-            "--dataset" => o.dataset = value()?,
-            "--work" => o.work = PathBuf::from(value()?),
-            "--out" => o.out = PathBuf::from(value()?),
+    let mut f = obnam_simulations::bench::Flags::new(args);
+    while let Some(a) = f.next_flag() {
+        match a {
+            "--dataset" => o.dataset = f.value(a)?,
+            "--work" => o.work = PathBuf::from(f.value(a)?),
+            "--out" => o.out = PathBuf::from(f.value(a)?),
             other => bail!(
                 "unknown argument {other:?}; usage: tune [--dataset tiny|small|medium] \
                  [--work DIR] [--out DIR]"
