@@ -428,27 +428,41 @@ impl Repo {
         offset: u64,
         len: usize,
     ) -> Result<Vec<u8>, NodeError> {
-        if self.outbox.path(pack).exists() {
-            return self.outbox.read_range(pack, offset, len);
-        }
-        let cached = self.cache_path(pack);
-        if !cached.exists() {
-            let remote = self.remote.get().ok_or_else(|| {
-                NodeError::Net(format!(
-                    "pack {pack} is not in the outbox and the network is not running"
-                ))
-            })?;
-            remote
-                .handle
-                .block_on(self.ensure_cached(remote, keys, *pack))?;
-        }
         use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(&cached)
-            .map_err(|e| NodeError::io(format!("opening fetched pack {pack}"), e))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset)
-            .map_err(|e| NodeError::io(format!("reading fetched pack {pack}"), e))?;
-        Ok(buf)
+        let cached = self.cache_path(pack);
+        // The replicator deletes a pack from the outbox once its friends hold it, at any time:
+        // a pack that goes between the look and the read is fetched like any other.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            if self.outbox.path(pack).exists() {
+                match self.outbox.read_range(pack, offset, len) {
+                    Ok(bytes) => return Ok(bytes),
+                    Err(e) if tries >= 3 || self.outbox.path(pack).exists() => return Err(e),
+                    Err(_) => continue,
+                }
+            }
+            if !cached.exists() {
+                let remote = self.remote.get().ok_or_else(|| {
+                    NodeError::Net(format!(
+                        "pack {pack} is not in the outbox and the network is not running"
+                    ))
+                })?;
+                remote
+                    .handle
+                    .block_on(self.ensure_cached(remote, keys, *pack))?;
+            }
+            let f = match std::fs::File::open(&cached) {
+                Ok(f) => f,
+                // `ensure_cached` found it in the outbox, which has let it go since.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => continue,
+                Err(e) => return Err(NodeError::io(format!("opening fetched pack {pack}"), e)),
+            };
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, offset)
+                .map_err(|e| NodeError::io(format!("reading fetched pack {pack}"), e))?;
+            return Ok(buf);
+        }
     }
 
     /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time and in the
