@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -160,16 +160,19 @@ pub fn restore(
         }
         filters.push(components(&path));
     }
-    match std::fs::read_dir(&target) {
+    let fresh = match std::fs::read_dir(&target) {
         Ok(mut rd) => {
-            if rd.next().is_some() && !req.force {
+            let empty = rd.next().is_none();
+            if !empty && !req.force {
                 return Err(NodeError::TargetNotEmpty { path: target });
             }
+            empty
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(&target).map_err(|e| {
                 NodeError::io(format!("creating restore target {}", target.display()), e)
             })?;
+            true
         }
         Err(e) => {
             return Err(NodeError::io(
@@ -177,10 +180,14 @@ pub fn restore(
                 e,
             ));
         }
-    }
+    };
+    let how = How {
+        is_root: nix::unistd::geteuid().is_root(),
+        fresh,
+    };
     // The packs of the selected files, in the order the walk below needs them.
     let mut packs = Vec::new();
-    let probe = Restorer::new(repo, keys, events, filters.clone(), id, None);
+    let probe = Restorer::new(repo, keys, events, filters.clone(), id, how, None);
     probe.collect(
         &record.root,
         &mut Vec::new(),
@@ -205,14 +212,21 @@ pub fn restore(
         let (job_tx, job_rx) = sync_channel::<FileJob>(threads * 4);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<FileDone>();
-        let is_root = nix::unistd::geteuid().is_root();
         for _ in 0..threads {
             let rx = Arc::clone(&job_rx);
             let tx = done_tx.clone();
-            s.spawn(move || file_worker(repo, keys, is_root, &rx, &tx));
+            s.spawn(move || file_worker(repo, keys, how, &rx, &tx));
         }
         drop(done_tx);
-        let mut r = Restorer::new(repo, keys, events, filters, id, Some((job_tx, done_rx)));
+        let mut r = Restorer::new(
+            repo,
+            keys,
+            events,
+            filters,
+            id,
+            how,
+            Some((job_tx, done_rx)),
+        );
         let mut result = r.restore_dir(&record.root, &target, &mut Vec::new());
         r.flush_dirs();
         r.pool = None;
@@ -243,10 +257,25 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// How entries are written.
+#[derive(Clone, Copy)]
+struct How {
+    /// Owners and device nodes are restored only by root.
+    is_root: bool,
+    /// The target was empty (or did not exist) when the restore began, so nothing is in the
+    /// way: files are created under their own names, exclusively, and nothing is replaced.
+    /// Otherwise (`--force` into a non-empty target) each file is written under a temporary
+    /// name and renamed into place, and whatever is in the way of an entry is removed first.
+    fresh: bool,
+}
+
 /// A file for the pool to write.
 struct FileJob {
     entry: Entry,
     path: PathBuf,
+    /// The file, already created (in a fresh target the walk creates the files, one at a
+    /// time: threads creating files in one directory only contend for its lock).
+    created: Option<Created>,
 }
 
 /// What the pool did with a [`FileJob`].
@@ -262,7 +291,7 @@ const PENDING_DIRS: usize = 4096;
 fn file_worker(
     repo: &Repo,
     keys: &Keys,
-    is_root: bool,
+    how: How,
     rx: &Mutex<Receiver<FileJob>>,
     tx: &std::sync::mpsc::Sender<FileDone>,
 ) {
@@ -272,7 +301,10 @@ fn file_worker(
             guard.recv()
         };
         let Ok(job) = job else { return };
-        let result = write_file(repo, keys, is_root, &job.entry, &job.path);
+        let result = match job.created {
+            Some(c) => fill_file(repo, keys, how, &job.entry, &job.path, c),
+            None => write_file(repo, keys, how, &job.entry, &job.path),
+        };
         let done = FileDone {
             path: job.path,
             size: job.entry.size,
@@ -291,7 +323,7 @@ struct Restorer<'a> {
     keys: &'a Keys,
     events: &'a dyn Events,
     filters: Vec<Vec<Vec<u8>>>,
-    is_root: bool,
+    how: How,
     links: HashMap<u64, PathBuf>,
     report: RestoreReport,
     last_progress: Instant,
@@ -316,6 +348,7 @@ impl<'a> Restorer<'a> {
         events: &'a dyn Events,
         filters: Vec<Vec<Vec<u8>>>,
         snapshot: SnapshotId,
+        how: How,
         pool: Option<Pool>,
     ) -> Self {
         Self {
@@ -323,7 +356,7 @@ impl<'a> Restorer<'a> {
             keys,
             events,
             filters,
-            is_root: nix::unistd::geteuid().is_root(),
+            how,
             links: HashMap::new(),
             report: RestoreReport {
                 snapshot,
@@ -369,7 +402,7 @@ impl<'a> Restorer<'a> {
     fn flush_dirs(&mut self) {
         self.drain();
         for (path, e) in std::mem::take(&mut self.pending_dirs) {
-            if let Err(err) = set_meta(self.is_root, &path, &e) {
+            if let Err(err) = set_meta(self.how.is_root, &path, &e) {
                 self.problem(&path, err);
             }
         }
@@ -379,7 +412,7 @@ impl<'a> Restorer<'a> {
     fn submit_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
         // Hard-linked files are written here, so that later links find them.
         let Some((tx, _)) = self.pool.as_ref().filter(|_| e.hardlink.is_none()) else {
-            write_file(self.repo, self.keys, self.is_root, e, path)?;
+            write_file(self.repo, self.keys, self.how, e, path)?;
             self.report.files += 1;
             self.report.bytes += e.size;
             if let Some(group) = e.hardlink {
@@ -387,9 +420,15 @@ impl<'a> Restorer<'a> {
             }
             return Ok(());
         };
+        let created = if self.how.fresh {
+            Some(create_file(self.how, path)?)
+        } else {
+            None
+        };
         let job = FileJob {
             entry: e.clone(),
             path: path.to_owned(),
+            created,
         };
         if tx.send(job).is_err() {
             return Err(NodeError::Usage(
@@ -488,13 +527,12 @@ impl<'a> Restorer<'a> {
             match sel {
                 Selection::No => {}
                 Selection::Partly | Selection::All if e.kind == EntryKind::Dir => {
-                    if let Err(err) = make_real_dir(&path) {
+                    // Owner-only access while we fill it in; the real mode comes after the children.
+                    if let Err(err) = make_real_dir(self.how.fresh, &path) {
                         self.problem(&path, err);
                         parts.pop();
                         continue;
                     }
-                    // Owner-only access while we fill it in; the real mode comes after the children.
-                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
                     self.restore_dir(&e.content, &path, parts)?;
                     self.report.dirs += 1;
                     self.pending_dirs.push((path, e));
@@ -521,7 +559,7 @@ impl<'a> Restorer<'a> {
         if let Some(group) = e.hardlink
             && let Some(first) = self.links.get(&group).cloned()
         {
-            remove_existing(path).map_err(|err| io("replacing", err))?;
+            self.clear(path)?;
             std::fs::hard_link(&first, path).map_err(|err| io("linking", err))?;
             self.report.files += 1;
             return Ok(());
@@ -529,23 +567,23 @@ impl<'a> Restorer<'a> {
         match e.kind {
             EntryKind::File => return self.submit_file(e, path),
             EntryKind::Symlink => {
-                remove_existing(path).map_err(|err| io("replacing", err))?;
+                self.clear(path)?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(&e.target), path)
                     .map_err(|err| io("creating symlink", err))?;
             }
             EntryKind::Fifo => {
-                remove_existing(path).map_err(|err| io("replacing", err))?;
+                self.clear(path)?;
                 nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
                     .map_err(|err| io("creating FIFO", err.into()))?;
             }
             EntryKind::CharDevice | EntryKind::BlockDevice => {
-                if !self.is_root {
+                if !self.how.is_root {
                     return Err(NodeError::Usage(format!(
                         "{}: device nodes can only be restored by root",
                         path.display()
                     )));
                 }
-                remove_existing(path).map_err(|err| io("replacing", err))?;
+                self.clear(path)?;
                 let kind = if e.kind == EntryKind::CharDevice {
                     nix::sys::stat::SFlag::S_IFCHR
                 } else {
@@ -566,7 +604,16 @@ impl<'a> Restorer<'a> {
             EntryKind::Dir => return Err(NodeError::Usage("directory restored as a file".into())),
         }
         self.report.others += 1;
-        set_meta(self.is_root, path, e).map_err(|err| io("setting metadata of", err))
+        set_meta(self.how.is_root, path, e).map_err(|err| io("setting metadata of", err))
+    }
+
+    /// Removes whatever is in the way of `path`; in a fresh target nothing can be.
+    fn clear(&self, path: &Path) -> Result<(), NodeError> {
+        if self.how.fresh {
+            return Ok(());
+        }
+        remove_existing(path)
+            .map_err(|err| NodeError::io(format!("replacing {}", path.display()), err))
     }
 
     fn progress(&mut self, path: &Path) {
@@ -583,56 +630,101 @@ impl<'a> Restorer<'a> {
     }
 }
 
-/// Writes one regular file: to a temporary name, renamed into place once every chunk opened
-/// and verified and the metadata is set. Not synced: the restore syncs the file system once.
-fn write_file(
-    repo: &Repo,
-    keys: &Keys,
-    is_root: bool,
-    e: &Entry,
-    path: &Path,
-) -> Result<(), NodeError> {
-    // A random temporary name, created exclusively: it cannot collide with (and so never
-    // removes) a name in the snapshot.
-    let mut tag = [0u8; 12];
-    rand::fill(&mut tag[..]);
-    let tmp_name = format!(
-        ".obnam-restore-{}",
-        tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
+/// A regular file being restored: created, empty, under `dest`.
+struct Created {
+    file: std::fs::File,
+    dest: PathBuf,
+}
+
+/// Writes one regular file: [`create_file`], then [`fill_file`].
+fn write_file(repo: &Repo, keys: &Keys, how: How, e: &Entry, path: &Path) -> Result<(), NodeError> {
+    let created = create_file(how, path)?;
+    fill_file(repo, keys, how, e, path, created)
+}
+
+/// Creates the file that will become `path`, exclusively and without following links. In a
+/// fresh target that is `path` itself (nothing can be in the way, and nothing is replaced);
+/// otherwise a temporary name beside it, renamed into place by [`fill_file`].
+fn create_file(how: How, path: &Path) -> Result<Created, NodeError> {
+    let dest = if how.fresh {
+        path.to_owned()
+    } else {
+        // A random temporary name, created exclusively: it cannot collide with (and so never
+        // removes) a name in the snapshot.
+        let mut tag = [0u8; 12];
+        rand::fill(&mut tag[..]);
+        let tmp_name = format!(
+            ".obnam-restore-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let tmp = path.with_file_name(tmp_name);
         // A leftover temporary file (or a link planted in its place) is removed, never followed.
         remove_existing(&tmp)
             .map_err(|err| NodeError::io(format!("replacing {}", tmp.display()), err))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
+        tmp
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&dest)
+        .map_err(|err| NodeError::io(format!("creating {}", path.display()), err))?;
+    Ok(Created { file, dest })
+}
+
+/// Writes a created file's data (every chunk opened and verified) and metadata, through the
+/// open file, then renames it into place if it has a temporary name. On failure the file is
+/// removed. Not synced: the restore syncs the file system once.
+fn fill_file(
+    repo: &Repo,
+    keys: &Keys,
+    how: How,
+    e: &Entry,
+    path: &Path,
+    created: Created,
+) -> Result<(), NodeError> {
+    let io =
+        |what: &str, err: std::io::Error| NodeError::io(format!("{what} {}", path.display()), err);
+    let Created { mut file, dest } = created;
+    let result = (|| {
         for c in &e.content {
             let data = repo.read_chunk(keys, c)?;
-            f.write_all(&data)
-                .map_err(|err| NodeError::io(format!("writing {}", path.display()), err))?;
+            file.write_all(&data).map_err(|err| io("writing", err))?;
         }
-        drop(f);
-        set_meta(is_root, &tmp, e)
-            .map_err(|err| NodeError::io(format!("setting metadata of {}", path.display()), err))?;
+        set_file_meta(how.is_root, &file, e).map_err(|err| io("setting metadata of", err))?;
+        drop(file);
+        if how.fresh {
+            return Ok(());
+        }
         if path.is_dir() && !path.is_symlink() {
             return Err(NodeError::Usage(format!(
                 "{} exists and is a directory",
                 path.display()
             )));
         }
-        std::fs::rename(&tmp, path)
-            .map_err(|err| NodeError::io(format!("renaming into {}", path.display()), err))
+        std::fs::rename(&dest, path).map_err(|err| io("renaming into", err))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&dest);
     }
     result
+}
+
+/// [`set_meta`] for a regular file, through its open handle (no path lookups).
+fn set_file_meta(is_root: bool, f: &std::fs::File, e: &Entry) -> std::io::Result<()> {
+    if is_root {
+        std::os::unix::fs::fchown(f, Some(e.uid), Some(e.gid))?;
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(e.mode & 0o7777))?;
+    let t = mtime(e);
+    filetime::set_file_handle_times(f, Some(t), Some(t))
+}
+
+fn mtime(e: &Entry) -> filetime::FileTime {
+    let secs = e.mtime_ns.div_euclid(1_000_000_000);
+    let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
+    filetime::FileTime::from_unix_time(secs, nanos)
 }
 
 /// Owner (as root), mode (except for symlinks), then mtime.
@@ -643,23 +735,28 @@ fn set_meta(is_root: bool, path: &Path, e: &Entry) -> std::io::Result<()> {
     if e.kind != EntryKind::Symlink {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(e.mode & 0o7777))?;
     }
-    let secs = e.mtime_ns.div_euclid(1_000_000_000);
-    let nanos = e.mtime_ns.rem_euclid(1_000_000_000) as u32;
-    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    let t = mtime(e);
     filetime::set_symlink_file_times(path, t, t)
 }
 
-/// Makes `path` a real directory. An existing directory is kept; anything else in the way
-/// (a file, or a symlink, which is never followed) is replaced. Only a `--force` restore can
-/// meet such things, since other restores start from an empty target.
-fn make_real_dir(path: &Path) -> std::io::Result<()> {
+/// Makes `path` a real directory with owner-only access. In a fresh target it is created;
+/// otherwise an existing directory is kept (and its mode set), and anything else in the way (a
+/// file, or a symlink, which is never followed) is replaced. Only a `--force` restore can meet
+/// such things, since other restores start from an empty target.
+fn make_real_dir(fresh: bool, path: &Path) -> std::io::Result<()> {
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(path);
+    if fresh {
+        return create();
+    }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        }
         Ok(_) => {
             std::fs::remove_file(path)?;
-            std::fs::create_dir(path)
+            create()
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(),
         Err(e) => Err(e),
     }
 }
