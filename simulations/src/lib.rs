@@ -6,10 +6,12 @@
 //! any other multicast or broadcast.
 //!
 //! Used by the process-level tests in `cli/tests/`, by the `demo` binary, and by the `bench`
-//! binary behind `bench/run` (which measures processes with [`bench`]).
+//! binary behind `bench/run` (which measures processes with [`bench`]). The `sim` binary runs
+//! the durability model ([`durability`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bench;
+pub mod durability;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
