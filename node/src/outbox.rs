@@ -3,12 +3,236 @@
 //! A pack is `outbox/<first two hex digits>/<pack id>.pack`. It is written to a temporary
 //! name, synced, renamed into place and its directory synced, so a pack file that exists under
 //! its final name is complete. Only then does the caller commit it to the index.
+//!
+//! Pack bodies are written and read for sending with direct I/O (`O_DIRECT`) where the file
+//! system allows it: a pack is written once and read once or twice, so passing it through the
+//! page cache only costs a copy and the cache's memory (on the benchmark machine the writer's
+//! copy into the page cache was the largest single item of a backup's CPU time). Where direct
+//! I/O is refused (tmpfs, some network file systems) the same calls use ordinary buffered I/O.
 
 use crate::error::NodeError;
 use obnam_protocol::PackId;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// Alignment of buffers, offsets and lengths for direct I/O: 4096 covers every common logical
+/// block size. Packs are padded to 64 KiB, so whole packs and [`DIRECT_PIECE`]s are aligned.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Bytes per direct write (the size of a [`PackWriter`]'s window).
+const DIRECT_PIECE: usize = 1024 * 1024;
+
+/// The part of `buf` (grown to `len` + [`DIRECT_ALIGN`] if needed) that starts at an aligned
+/// address and is `len` bytes long; `None` if the address cannot be aligned.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> Option<&mut [u8]> {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    buf.get_mut(off..off.checked_add(len)?)
+}
+
+/// Writes a new pack file front to back, from pieces of any size, with direct I/O where the
+/// file system allows it (see the module docs): whole aligned windows go straight to the disk,
+/// and a tail that is not a multiple of the block size is written the ordinary way.
+pub struct PackWriter {
+    path: PathBuf,
+    file: std::fs::File,
+    direct: bool,
+    /// The aligned window ([`DIRECT_PIECE`] bytes inside it) and how much of it is filled.
+    buf: Vec<u8>,
+    fill: usize,
+    /// Bytes written to the file so far.
+    offset: u64,
+}
+
+impl PackWriter {
+    /// Creates (or truncates) the file at `path`.
+    ///
+    /// # Errors
+    /// When it cannot be created.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(nix::libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => (open(false)?, false),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            direct,
+            buf: Vec::new(),
+            fill: 0,
+            offset: 0,
+        })
+    }
+
+    /// Appends `data`.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            if !self.direct {
+                self.file.write_all_at(data, self.offset)?;
+                self.offset += data.len() as u64;
+                return Ok(());
+            }
+            let fill = self.fill;
+            let window = aligned(&mut self.buf, DIRECT_PIECE)
+                .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
+            let take = (DIRECT_PIECE - fill).min(data.len());
+            window[fill..fill + take].copy_from_slice(&data[..take]);
+            self.fill += take;
+            data = &data[take..];
+            if self.fill == DIRECT_PIECE {
+                self.flush_window()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the filled part of the window: directly when it is a whole number of blocks;
+    /// otherwise (the tail), or when the file system refuses, the ordinary way from then on.
+    fn flush_window(&mut self) -> std::io::Result<()> {
+        let n = self.fill;
+        if n == 0 {
+            return Ok(());
+        }
+        if self.direct && n.is_multiple_of(DIRECT_ALIGN) {
+            let window = aligned(&mut self.buf, DIRECT_PIECE)
+                .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
+            match self.file.write_all_at(&window[..n], self.offset) {
+                Ok(()) => {
+                    self.offset += n as u64;
+                    self.fill = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.direct {
+            self.file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            self.direct = false;
+        }
+        let window = aligned(&mut self.buf, DIRECT_PIECE)
+            .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
+        self.file.write_all_at(&window[..n], self.offset)?;
+        self.offset += n as u64;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Writes what is left and syncs the file.
+    ///
+    /// # Errors
+    /// When the write or the sync fails.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.flush_window()?;
+        self.file.sync_all()
+    }
+}
+
+/// Reads a pack file front to back, in pieces, with direct I/O where the file system allows
+/// it (see the module docs).
+pub struct PackReader {
+    path: PathBuf,
+    file: std::fs::File,
+    direct: bool,
+    buf: Vec<u8>,
+    offset: u64,
+    /// Where the last piece starts in `buf`, and its length.
+    piece: (usize, usize),
+}
+
+impl PackReader {
+    /// Opens `path` for reading.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(path);
+        let (file, direct) = match direct {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                (std::fs::File::open(path)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            direct,
+            buf: Vec::new(),
+            offset: 0,
+            piece: (0, 0),
+        })
+    }
+
+    /// The file's length.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    pub fn file_len(&self) -> std::io::Result<u64> {
+        self.file.metadata().map(|m| m.len())
+    }
+
+    /// Reads the next `n` bytes; [`PackReader::piece`] then holds them.
+    ///
+    /// # Errors
+    /// When they cannot be read (a file shorter than expected is an error).
+    pub fn read_next(&mut self, n: usize) -> std::io::Result<()> {
+        if self.direct && n.is_multiple_of(DIRECT_ALIGN) {
+            let start = {
+                let Some(buf) = aligned(&mut self.buf, n) else {
+                    return Err(std::io::Error::other("no aligned buffer"));
+                };
+                self.file.read_exact_at(buf, self.offset)
+            };
+            match start {
+                Ok(()) => {
+                    let off = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
+                    self.piece = (off, n);
+                    self.offset += n as u64;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Buffered: the file system refused direct I/O, or the piece is not aligned.
+        if self.direct {
+            self.file = std::fs::File::open(&self.path)?;
+            self.direct = false;
+        }
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        self.file.read_exact_at(&mut self.buf[..n], self.offset)?;
+        self.piece = (0, n);
+        self.offset += n as u64;
+        Ok(())
+    }
+
+    /// The bytes the last [`PackReader::read_next`] read.
+    pub fn piece(&self) -> &[u8] {
+        self.buf
+            .get(self.piece.0..self.piece.0 + self.piece.1)
+            .unwrap_or(&[])
+    }
+}
 
 /// Fsyncs a directory, so a rename or create in it is durable.
 ///
@@ -53,10 +277,9 @@ impl Outbox {
         let ctx = || format!("writing pack {id} to {}", path.display());
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(ctx(), e))?;
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| NodeError::io(ctx(), e))?;
-        f.write_all(bytes).map_err(|e| NodeError::io(ctx(), e))?;
-        f.sync_all().map_err(|e| NodeError::io(ctx(), e))?;
-        drop(f);
+        let mut w = PackWriter::create(&tmp).map_err(|e| NodeError::io(ctx(), e))?;
+        w.write(bytes).map_err(|e| NodeError::io(ctx(), e))?;
+        w.finish().map_err(|e| NodeError::io(ctx(), e))?;
         std::fs::rename(&tmp, &path).map_err(|e| NodeError::io(ctx(), e))?;
         sync_dir(&dir)
     }
@@ -131,5 +354,95 @@ impl Outbox {
     pub fn remove(&self, id: &PackId) -> Result<(), NodeError> {
         let path = self.path(id);
         std::fs::remove_file(&path).map_err(|e| NodeError::io(format!("removing pack {id}"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes packs of aligned and unaligned lengths into an outbox under `base`, and reads
+    /// each back whole, by range, and piece by piece as an upload does.
+    fn round_trip(base: &Path) {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
+        for len in [3 * 65536, 5 * DIRECT_PIECE / 2, 65536 + 17, 1] {
+            let mut bytes = vec![0u8; len];
+            rand::fill(&mut bytes[..]);
+            let id = PackId::of(&bytes);
+            outbox.write(&id, &bytes).unwrap();
+            assert_eq!(outbox.read(&id).unwrap(), bytes, "len {len}");
+            assert_eq!(
+                outbox.read_range(&id, 0, len.min(100)).unwrap(),
+                bytes[..len.min(100)]
+            );
+            let mut r = PackReader::open(&outbox.path(&id)).unwrap();
+            assert_eq!(r.file_len().unwrap(), len as u64);
+            let mut got = Vec::new();
+            let mut left = len;
+            while left > 0 {
+                let n = (256 * 1024).min(left);
+                r.read_next(n).unwrap();
+                got.extend_from_slice(r.piece());
+                left -= n;
+            }
+            assert_eq!(got, bytes, "len {len}");
+            // Past the end is an error, not a short piece.
+            assert!(r.read_next(4096).is_err());
+        }
+    }
+
+    /// A [`PackWriter`] fed pieces of awkward sizes writes exactly their concatenation,
+    /// whether the total is a whole number of blocks or not.
+    fn writer_round_trip(base: &Path) {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        for total in [
+            4 * 65536,
+            3 * DIRECT_PIECE + 4096,
+            2 * DIRECT_PIECE + 12345,
+            7,
+            0,
+        ] {
+            let mut bytes = vec![0u8; total];
+            rand::fill(&mut bytes[..]);
+            let path = dir.path().join(format!("{total}.pack"));
+            let mut w = PackWriter::create(&path).unwrap();
+            let mut rest = &bytes[..];
+            for size in [1000, 300_000, DIRECT_PIECE + 7, 1].iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*size).min(rest.len());
+                w.write(&rest[..n]).unwrap();
+                rest = &rest[n..];
+            }
+            w.finish().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "total {total}");
+        }
+    }
+
+    #[test]
+    fn pack_writers_write_what_they_are_given() {
+        writer_round_trip(&std::env::temp_dir());
+        if Path::new("/dev/shm").is_dir() {
+            writer_round_trip(Path::new("/dev/shm"));
+        }
+    }
+
+    #[test]
+    fn packs_read_back_as_written() {
+        round_trip(&std::env::temp_dir());
+    }
+
+    #[test]
+    fn packs_read_back_as_written_where_direct_io_is_refused() {
+        // tmpfs refuses O_DIRECT on older kernels (newer ones accept it and buffer anyway);
+        // either way the same calls must work.
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            round_trip(shm);
+        } else {
+            eprintln!("skipped: no /dev/shm (tmpfs) here");
+        }
     }
 }

@@ -13,7 +13,6 @@ use obnam_protocol::msg::{
 use obnam_protocol::signed::CONTEXT_OWNER_PROOF;
 use obnam_protocol::{OwnerId, PackId};
 use std::path::Path;
-use tokio::io::AsyncReadExt as _;
 
 /// Runs a transfer with a time limit per attempt, and tries again (up to `attempts` times, with
 /// a short backoff) when it failed for a transient network reason: libp2p-stream drops a stream
@@ -128,14 +127,16 @@ pub async fn upload(
     pack: PackId,
     path: &Path,
 ) -> Result<Upload, NodeError> {
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| NodeError::io(format!("opening pack {pack}"), e))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?
-        .len();
+    // Reads happen on the blocking pool, one piece at a time (direct I/O where possible).
+    let owned = path.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let r = crate::outbox::PackReader::open(&owned)?;
+        let len = r.file_len()?;
+        Ok::<_, std::io::Error>((r, len))
+    })
+    .await
+    .map_err(|e| NodeError::io(format!("opening pack {pack}"), std::io::Error::other(e)))?;
+    let (mut reader, len) = opened.map_err(|e| NodeError::io(format!("opening pack {pack}"), e))?;
     let broken =
         |e: std::io::Error| NodeError::Net(format!("sending pack {} to {peer}: {e}", pack.short()));
     write_frame(stream, &StreamRequest::Put { owner, pack, len })
@@ -154,14 +155,18 @@ pub async fn upload(
             )));
         }
     }
-    let mut buf = vec![0u8; IO_CHUNK];
     let mut left = len;
     while left > 0 {
         let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
-        file.read_exact(&mut buf[..n])
-            .await
-            .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
-        stream.write_all(&buf[..n]).await.map_err(broken)?;
+        let (r, read) = tokio::task::spawn_blocking(move || {
+            let read = reader.read_next(n);
+            (reader, read)
+        })
+        .await
+        .map_err(|e| NodeError::io(format!("reading pack {pack}"), std::io::Error::other(e)))?;
+        reader = r;
+        read.map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
+        stream.write_all(reader.piece()).await.map_err(broken)?;
         left -= n as u64;
     }
     stream.flush().await.map_err(broken)?;

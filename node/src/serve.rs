@@ -28,7 +28,6 @@ use obnam_protocol::{LookupId, OwnerId, PackId};
 use obnam_store::{Binding, HeadOutcome, PutOutcome, RetireOutcome, Store, TakeoverOutcome};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -709,13 +708,14 @@ impl Server {
         let writer_tmp = tmp.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<PackId, String> {
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let mut f = std::fs::File::create(&writer_tmp).map_err(|e| e.to_string())?;
+            let mut f =
+                crate::outbox::PackWriter::create(&writer_tmp).map_err(|e| e.to_string())?;
             let mut hasher = blake3::Hasher::new();
             while let Some(piece) = rx.blocking_recv() {
                 hasher.update(&piece);
-                f.write_all(&piece).map_err(|e| e.to_string())?;
+                f.write(&piece).map_err(|e| e.to_string())?;
             }
-            f.sync_all().map_err(|e| e.to_string())?;
+            f.finish().map_err(|e| e.to_string())?;
             Ok(PackId(*hasher.finalize().as_bytes()))
         });
         let mut left = len;
