@@ -189,6 +189,11 @@ impl PackReader {
         self.file.metadata().map(|m| m.len())
     }
 
+    /// Moves to `offset`: the next piece starts there.
+    pub fn seek(&mut self, offset: u64) {
+        self.offset = offset;
+    }
+
     /// Reads the next `n` bytes; [`PackReader::piece`] then holds them.
     ///
     /// # Errors

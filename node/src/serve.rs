@@ -849,8 +849,13 @@ impl Server {
         }
         let len = len.min(size - offset);
         let path = self.pack_path(&owner, &pack);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
+        // Reads happen on the blocking pool, one piece at a time (direct I/O where possible).
+        let opened = tokio::task::spawn_blocking(move || crate::outbox::PackReader::open(&path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        let mut reader = match opened {
+            Ok(r) => r,
             Err(e) => {
                 return write_frame(
                     stream,
@@ -860,24 +865,31 @@ impl Server {
                 .is_ok();
             }
         };
-        use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-        if file.seek(std::io::SeekFrom::Start(offset)).await.is_err()
-            || write_frame(stream, &StreamReply::Data { len })
-                .await
-                .is_err()
+        reader.seek(offset);
+        if write_frame(stream, &StreamReply::Data { len })
+            .await
+            .is_err()
         {
             return false;
         }
         let mut left = len;
         while left > 0 {
             let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
-            let mut buf = vec![0u8; n];
-            if file.read_exact(&mut buf).await.is_err() {
+            let Ok((r, read)) = tokio::task::spawn_blocking(move || {
+                let read = reader.read_next(n);
+                (reader, read)
+            })
+            .await
+            else {
+                return false;
+            };
+            reader = r;
+            if read.is_err() {
                 return false;
             }
             // A reader that stops reading is dropped after the idle timeout.
             if !matches!(
-                tokio::time::timeout(self.stream_idle, stream.write_all(&buf)).await,
+                tokio::time::timeout(self.stream_idle, stream.write_all(reader.piece())).await,
                 Ok(Ok(()))
             ) {
                 return false;
