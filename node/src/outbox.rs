@@ -32,6 +32,21 @@ fn aligned(buf: &mut Vec<u8>, len: usize) -> Option<&mut [u8]> {
     buf.get_mut(off..off.checked_add(len)?)
 }
 
+/// Opens `path` with the options `set` sets, plus `O_DIRECT` if the file system accepts it;
+/// says which it got.
+fn open_direct(
+    path: &Path,
+    set: impl Fn(&mut std::fs::OpenOptions),
+) -> std::io::Result<(std::fs::File, bool)> {
+    let mut o = std::fs::OpenOptions::new();
+    set(&mut o);
+    match o.clone().custom_flags(nix::libc::O_DIRECT).open(path) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok((o.open(path)?, false)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes a new pack file front to back, from pieces of any size, with direct I/O where the
 /// file system allows it (see the module docs): whole aligned windows go straight to the disk,
 /// and a tail that is not a multiple of the block size is written the ordinary way.
@@ -52,19 +67,9 @@ impl PackWriter {
     /// # Errors
     /// When it cannot be created.
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        let open = |direct: bool| {
-            let mut o = std::fs::OpenOptions::new();
+        let (file, direct) = open_direct(path, |o| {
             o.write(true).create(true).truncate(true);
-            if direct {
-                o.custom_flags(nix::libc::O_DIRECT);
-            }
-            o.open(path)
-        };
-        let (file, direct) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => (open(false)?, false),
-            Err(e) => return Err(e),
-        };
+        })?;
         Ok(Self {
             path: path.to_owned(),
             file,
@@ -160,17 +165,9 @@ impl PackReader {
     /// # Errors
     /// When the file cannot be opened.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(path);
-        let (file, direct) = match direct {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                (std::fs::File::open(path)?, false)
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, direct) = open_direct(path, |o| {
+            o.read(true);
+        })?;
         Ok(Self {
             path: path.to_owned(),
             file,
