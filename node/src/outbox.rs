@@ -22,14 +22,17 @@ const DIRECT_ALIGN: usize = 4096;
 /// Bytes per direct write (the size of a [`PackWriter`]'s window).
 const DIRECT_PIECE: usize = 1024 * 1024;
 
-/// The part of `buf` (grown to `len` + [`DIRECT_ALIGN`] if needed) that starts at an aligned
-/// address and is `len` bytes long; `None` if the address cannot be aligned.
-fn aligned(buf: &mut Vec<u8>, len: usize) -> Option<&mut [u8]> {
+/// Where in `buf` (grown to `len` + [`DIRECT_ALIGN`] if needed) an aligned run of `len` bytes
+/// starts. The same for every call while `buf` is not grown.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> std::io::Result<usize> {
     if buf.len() < len + DIRECT_ALIGN {
         buf.resize(len + DIRECT_ALIGN, 0);
     }
     let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    buf.get_mut(off..off.checked_add(len)?)
+    if off > DIRECT_ALIGN {
+        return Err(std::io::Error::other("no aligned buffer for direct I/O"));
+    }
+    Ok(off)
 }
 
 /// Opens `path` with the options `set` sets, plus `O_DIRECT` if the file system accepts it;
@@ -91,11 +94,9 @@ impl PackWriter {
                 self.offset += data.len() as u64;
                 return Ok(());
             }
-            let fill = self.fill;
-            let window = aligned(&mut self.buf, DIRECT_PIECE)
-                .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
-            let take = (DIRECT_PIECE - fill).min(data.len());
-            window[fill..fill + take].copy_from_slice(&data[..take]);
+            let start = aligned(&mut self.buf, DIRECT_PIECE)? + self.fill;
+            let take = (DIRECT_PIECE - self.fill).min(data.len());
+            self.buf[start..start + take].copy_from_slice(&data[..take]);
             self.fill += take;
             data = &data[take..];
             if self.fill == DIRECT_PIECE {
@@ -112,10 +113,13 @@ impl PackWriter {
         if n == 0 {
             return Ok(());
         }
+        let off = aligned(&mut self.buf, DIRECT_PIECE)?;
+        let window = off..off + n;
         if self.direct && n.is_multiple_of(DIRECT_ALIGN) {
-            let window = aligned(&mut self.buf, DIRECT_PIECE)
-                .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
-            match self.file.write_all_at(&window[..n], self.offset) {
+            match self
+                .file
+                .write_all_at(&self.buf[window.clone()], self.offset)
+            {
                 Ok(()) => {
                     self.offset += n as u64;
                     self.fill = 0;
@@ -129,9 +133,7 @@ impl PackWriter {
             self.file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
             self.direct = false;
         }
-        let window = aligned(&mut self.buf, DIRECT_PIECE)
-            .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
-        self.file.write_all_at(&window[..n], self.offset)?;
+        self.file.write_all_at(&self.buf[window], self.offset)?;
         self.offset += n as u64;
         self.fill = 0;
         Ok(())
@@ -197,15 +199,12 @@ impl PackReader {
     /// When they cannot be read (a file shorter than expected is an error).
     pub fn read_next(&mut self, n: usize) -> std::io::Result<()> {
         if self.direct && n.is_multiple_of(DIRECT_ALIGN) {
-            let start = {
-                let Some(buf) = aligned(&mut self.buf, n) else {
-                    return Err(std::io::Error::other("no aligned buffer"));
-                };
-                self.file.read_exact_at(buf, self.offset)
-            };
-            match start {
+            let off = aligned(&mut self.buf, n)?;
+            match self
+                .file
+                .read_exact_at(&mut self.buf[off..off + n], self.offset)
+            {
                 Ok(()) => {
-                    let off = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
                     self.piece = (off, n);
                     self.offset += n as u64;
                     return Ok(());

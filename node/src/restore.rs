@@ -430,7 +430,11 @@ impl<'a> Restorer<'a> {
             path: path.to_owned(),
             created,
         };
-        if tx.send(job).is_err() {
+        if let Err(unsent) = tx.send(job) {
+            // The created file would stay empty: remove it.
+            if let Some(c) = unsent.0.created {
+                let _ = std::fs::remove_file(&c.dest);
+            }
             return Err(NodeError::Usage(
                 "the restore's file writers stopped".into(),
             ));
