@@ -17,6 +17,7 @@
 //! | [`local`] | records the node keeps in its own redb index |
 //! | [`control`] | messages between `obnam` and `obnam-node` over the local socket |
 //! | [`msg`] | messages between friends' nodes (exchange and pack streams) |
+//! | [`audit`] | audit challenges and BLAKE3 verified-streaming proofs against a pack id |
 //!
 //! ## Goals
 //! - Every layout is versioned, and every change to one fails a golden-bytes test.
@@ -28,6 +29,7 @@
 //!   enums only grow at the end.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
 pub mod codec;
 pub mod control;
 pub mod envelope;

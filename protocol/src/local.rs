@@ -158,6 +158,86 @@ impl HostedOwner {
     }
 }
 
+/// Days of presence kept per friend.
+pub const PRESENCE_DAYS: usize = 30;
+
+/// One day of a friend's presence, as this node saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DayPresence {
+    /// Days since the Unix epoch (UTC).
+    pub day: u32,
+    /// Seconds this node was running and looking.
+    pub observed_secs: u32,
+    /// Seconds of those that the friend was connected.
+    pub online_secs: u32,
+}
+
+/// How a friend has kept our data: audits and presence (the integrity issue).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FriendHealth {
+    /// Audits the friend passed.
+    pub audits_passed: u64,
+    /// Audits the friend failed (a wrong or missing answer, or none in time while online).
+    pub audits_failed: u64,
+    /// When the last audit ended, nanoseconds since the Unix epoch (0: never).
+    pub last_audit_ns: i64,
+    /// Whether the last audit passed.
+    pub last_passed: bool,
+    /// When the last failed audit ended (0: never).
+    pub last_failure_ns: i64,
+    /// Why the last failed audit failed.
+    pub last_failure: String,
+    /// Audits sent so far: picks the next challenge's kind on the schedule.
+    pub audits_sent: u64,
+    /// When the friend was last connected (0: never).
+    pub last_seen_ns: i64,
+    /// The last [`PRESENCE_DAYS`] days of presence, oldest first.
+    pub days: Vec<DayPresence>,
+}
+
+impl FriendHealth {
+    /// Encodes the record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+    /// Decodes the record.
+    ///
+    /// # Errors
+    /// A bounded [`DecodeError`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_versioned("friend health", bytes, 4096)
+    }
+
+    /// Counts `secs` seconds of looking at `now_ns`, online or not.
+    pub fn note_presence(&mut self, now_ns: i64, secs: u32, online: bool) {
+        let day = u32::try_from(now_ns.max(0) / 86_400_000_000_000).unwrap_or(u32::MAX);
+        if online {
+            self.last_seen_ns = now_ns;
+        }
+        if self.days.last().is_none_or(|d| d.day != day) {
+            self.days.push(DayPresence {
+                day,
+                ..DayPresence::default()
+            });
+        }
+        self.days.retain(|d| d.day + PRESENCE_DAYS as u32 > day);
+        if let Some(d) = self.days.last_mut() {
+            d.observed_secs = d.observed_secs.saturating_add(secs);
+            if online {
+                d.online_secs = d.online_secs.saturating_add(secs);
+            }
+        }
+    }
+
+    /// The share of observed time in the last [`PRESENCE_DAYS`] days that the friend was
+    /// online, or `None` before any observation.
+    pub fn online_fraction(&self) -> Option<f64> {
+        let observed: u64 = self.days.iter().map(|d| u64::from(d.observed_secs)).sum();
+        let online: u64 = self.days.iter().map(|d| u64::from(d.online_secs)).sum();
+        (observed > 0).then(|| online as f64 / observed as f64)
+    }
+}
+
 /// What this node has sent a friend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PeerState {
@@ -188,6 +268,26 @@ impl PeerState {
 #[cfg(test)]
 mod friend_tests {
     use super::*;
+
+    #[test]
+    fn presence_keeps_thirty_days_and_counts_the_online_share() {
+        let day = 86_400_000_000_000i64;
+        let mut h = FriendHealth::default();
+        assert_eq!(h.online_fraction(), None);
+        h.note_presence(10 * day, 60, true);
+        h.note_presence(10 * day + 60_000_000_000, 60, false);
+        assert_eq!(h.online_fraction(), Some(0.5));
+        assert_eq!(h.last_seen_ns, 10 * day);
+        for d in 11..=45 {
+            h.note_presence(d * day, 100, d % 4 == 0);
+        }
+        assert_eq!(h.days.len(), PRESENCE_DAYS);
+        assert_eq!(h.days[0].day, 16);
+        let online = (16..=45).filter(|d| d % 4 == 0).count() as f64;
+        assert_eq!(h.online_fraction(), Some(online / 30.0));
+        let back = FriendHealth::from_bytes(&h.to_bytes()).unwrap();
+        assert_eq!(back, h);
+    }
 
     #[test]
     fn golden_friend_and_owner_records() {

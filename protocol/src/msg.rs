@@ -15,6 +15,7 @@
 //! the sender must be a friend, and for owner data it must have proved the owner key
 //! ([`OwnerProof`]). Enums only grow at the end.
 
+use crate::audit::Challenge;
 use crate::codec::{DecodeError, decode_bounded, encode};
 use crate::ids::{LookupId, OwnerId, PackId};
 use crate::signed::{self, CONTEXT_OWNER_PROOF, SignatureError};
@@ -140,6 +141,14 @@ pub enum Request {
     DeleteOwner {
         /// The retired owner.
         owner: OwnerId,
+    },
+    /// Prove that you hold a range of one of the owner's packs ([`crate::audit`]). The bound node
+    /// or a node that proved the owner key may ask.
+    Audit {
+        /// The owner.
+        owner: OwnerId,
+        /// The pack, the range and a fresh nonce.
+        challenge: Challenge,
     },
 }
 
@@ -297,6 +306,14 @@ pub enum Response {
     Error(WireError),
     /// For [`Request::ListPacks`]: pack ids and lengths.
     Packs(Vec<(PackId, u64)>),
+    /// For [`Request::Audit`]: the challenge's nonce and a proof of the range
+    /// ([`crate::audit::prove`]).
+    Proof {
+        /// The challenge's nonce, echoed.
+        nonce: [u8; 32],
+        /// The proof, at most [`crate::audit::MAX_PROOF`] bytes.
+        proof: ByteBuf,
+    },
 }
 
 /// A request on [`PACKS_PROTOCOL`].
@@ -396,6 +413,24 @@ mod tests {
             available: Some(7),
         });
         assert_eq!(body(&err), vec![6, 3, 1, b'x', 1, 7]);
+        let audit = body(&Request::Audit {
+            owner: OwnerId([0; 32]),
+            challenge: Challenge {
+                pack: PackId([0; 32]),
+                offset: 300,
+                len: 1024,
+                nonce: [0; 32],
+            },
+        });
+        assert_eq!(audit[0], 12);
+        assert_eq!(&audit[65..69], &[0xac, 0x02, 0x80, 0x08]);
+        assert_eq!(audit.len(), 101);
+        let proof = body(&Response::Proof {
+            nonce: [0; 32],
+            proof: ByteBuf::from(vec![9]),
+        });
+        assert_eq!(proof[0], 8);
+        assert_eq!(&proof[33..], &[1, 9]);
     }
 
     #[test]

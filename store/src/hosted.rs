@@ -9,12 +9,13 @@
 //! | `slots-0` | lookup id → owner id ‖ key slot |
 //! | `placement-0` | pack id →→ peer id bytes (multimap: friends holding our pack) |
 //! | `peer-state-0` | peer id bytes → [`PeerState`] (what we sent that friend) |
+//! | `friend-health-0` | peer id bytes → [`FriendHealth`] (audits and presence of that friend) |
 //!
 //! Quota is counted in logical bytes (pack lengths) and checked in the same write transaction
 //! that records the pack.
 
 use crate::{Store, StoreError};
-use obnam_protocol::local::{Friend, HostedOwner, PeerState};
+use obnam_protocol::local::{Friend, FriendHealth, HostedOwner, PeerState};
 use obnam_protocol::{LookupId, OwnerId, PackId};
 use redb::{
     MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
@@ -29,6 +30,8 @@ pub(crate) const SLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new
 pub(crate) const PLACEMENT: MultimapTableDefinition<&[u8; 32], &[u8]> =
     MultimapTableDefinition::new("placement-0");
 pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer-state-0");
+pub(crate) const FRIEND_HEALTH: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("friend-health-0");
 /// Retired owner → its successor. Kept after the owner's data is deleted, so that the retired
 /// key can never be bound (or written for) again.
 pub(crate) const RETIRED: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::new("retired-0");
@@ -455,6 +458,86 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets that a friend holds one of our packs (it failed an audit or said it has not got
+    /// it): the pack counts as below its replica target until repaired. Returns whether the
+    /// placement was known.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn remove_placement(&self, pack: &PackId, peer: &[u8]) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        let removed = tx
+            .open_multimap_table(PLACEMENT)?
+            .remove(pack.as_bytes(), peer)?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Drops a hosted pack whose body is gone or corrupt: the record goes and its bytes no
+    /// longer count against the owner's quota. Returns the pack's length if it was recorded.
+    /// The caller removes the body.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn drop_hosted(&self, owner: &OwnerId, pack: &PackId) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let dropped = {
+            let mut hosted = tx.open_table(HOSTED)?;
+            let len = hosted.remove(&hosted_key(owner, pack))?.map(|v| v.value());
+            if let Some(len) = len {
+                let mut owners = tx.open_table(OWNERS)?;
+                if let Some(mut rec) = owner_record(&owners, owner)? {
+                    rec.used = rec.used.saturating_sub(len);
+                    rec.packs = rec.packs.saturating_sub(1);
+                    owners.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
+                }
+            }
+            len
+        };
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// A friend's audit and presence record (empty when none yet).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn friend_health(&self, peer: &[u8]) -> Result<FriendHealth, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(FRIEND_HEALTH)?;
+        match t.get(peer)? {
+            None => Ok(FriendHealth::default()),
+            Some(v) => {
+                FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into()))
+            }
+        }
+    }
+
+    /// Updates a friend's audit and presence record.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn update_friend_health(
+        &self,
+        peer: &[u8],
+        f: impl FnOnce(&mut FriendHealth),
+    ) -> Result<FriendHealth, StoreError> {
+        let tx = self.db.begin_write()?;
+        let health = {
+            let mut t = tx.open_table(FRIEND_HEALTH)?;
+            let mut health = match t.get(peer)? {
+                None => FriendHealth::default(),
+                Some(v) => FriendHealth::from_bytes(v.value())
+                    .map_err(corrupt("friend health".into()))?,
+            };
+            f(&mut health);
+            t.insert(peer, health.to_bytes().as_slice())?;
+            health
+        };
+        tx.commit()?;
+        Ok(health)
+    }
+
     /// The friends known to hold one of our packs.
     ///
     /// # Errors
@@ -596,6 +679,16 @@ mod tests {
             PutOutcome::QuotaExceeded { available: 0 }
         );
         assert_eq!(store.available(&other)?, Some((100, 100)));
+        // A dropped pack (corrupt or lost) frees its bytes, and can be stored again.
+        assert_eq!(store.drop_hosted(&owner, &PackId([2; 32]))?, Some(40));
+        assert_eq!(store.drop_hosted(&owner, &PackId([2; 32]))?, None);
+        assert_eq!(store.has_hosted(&owner, &PackId([2; 32]))?, None);
+        assert_eq!(store.available(&owner)?, Some((100, 60)));
+        assert_eq!(store.hosted_owner(&owner)?.map(|o| o.packs), Some(1));
+        assert_eq!(
+            store.commit_hosted(&owner, &PackId([2; 32]), 40)?,
+            PutOutcome::Stored
+        );
         Ok(())
     }
 
@@ -662,6 +755,12 @@ mod tests {
         s.add_placement(&PackId([6; 32]), &[1])?;
         let counts = s.holder_counts()?;
         assert_eq!((counts[&vec![1u8]], counts[&vec![2u8]]), (2, 1));
+        assert!(s.remove_placement(&PackId([5; 32]), &[1])?);
+        assert!(!s.remove_placement(&PackId([5; 32]), &[1])?);
+        assert_eq!(s.holders(&PackId([5; 32]))?, vec![vec![2]]);
+        assert_eq!(s.friend_health(&[1])?.audits_failed, 0);
+        s.update_friend_health(&[1], |h| h.audits_failed += 2)?;
+        assert_eq!(s.friend_health(&[1])?.audits_failed, 2);
         s.update_peer_state(&[1], |p| p.head_seq = 4)?;
         assert_eq!(s.peer_state(&[1])?.head_seq, 4);
         assert!(s.remove_friend(&[7])?);

@@ -160,6 +160,7 @@ impl Store {
             tx.open_table(hosted::SLOTS)?;
             tx.open_multimap_table(hosted::PLACEMENT)?;
             tx.open_table(hosted::PEER_STATE)?;
+            tx.open_table(hosted::FRIEND_HEALTH)?;
             let mut meta = tx.open_table(META)?;
             let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
             match schema {
