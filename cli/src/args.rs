@@ -50,6 +50,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Show the node's state.
     Status,
+    /// Audit every friend now: each proves that it holds our newest pack, the latest snapshot's
+    /// root and two random packs, without sending them (exit 1 if an audit fails).
+    Verify,
     /// Passphrase operations.
     #[command(subcommand)]
     Passphrase(PassphraseCommand),

@@ -111,6 +111,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ls(a) => ls(&g, a),
         Command::Restore(a) => restore(&g, a),
         Command::Status => status(&g),
+        Command::Verify => verify(&g),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
         Command::Passphrase(PassphraseCommand::Change(a)) => change(&g, a),
         Command::Keys(KeysCommand::Rotate(a)) => rotate(&g, a),
@@ -503,6 +504,9 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "replicas": s.replicas, "replicated_to": s.replicated_to, "under_replicated": s.under_replicated,
             "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
             "slot_pending": s.slot_pending, "rotation_pending": s.rotation_pending,
+            "friend_health": s.friend_health.iter().map(|f| json!({
+                "peer_id": f.peer_id, "name": f.name, "online": f.online, "audits": audits_json(&f.audits),
+            })).collect::<Vec<_>>(),
         }));
     } else {
         println!("data directory: {}", s.data_dir);
@@ -554,8 +558,105 @@ fn status(g: &Global) -> Result<u8, Failure> {
         for r in &s.rotation_pending {
             println!("key rotation:   waiting for {r}");
         }
+        for f in &s.friend_health {
+            println!(
+                "friend {}:{} {}",
+                f.name,
+                if f.online { "" } else { " (offline)" },
+                audits_line(&f.audits)
+            );
+            if let (Some(why), Some(at)) = (&f.audits.last_failure, f.audits.last_failure_ns) {
+                println!("    last failed audit {}: {why}", time(at));
+            }
+        }
     }
     Ok(exit::OK)
+}
+
+fn audits_json(a: &obnam_protocol::control::FriendAudits) -> serde_json::Value {
+    json!({
+        "passed": a.passed, "failed": a.failed, "last_audit": a.last_audit_ns.map(time),
+        "last_passed": a.last_passed, "last_failure": a.last_failure,
+        "last_failure_at": a.last_failure_ns.map(time),
+        "online_fraction_30d": a.online_permille_30d.map(|p| f64::from(p) / 1000.0),
+        "last_seen": a.last_seen_ns.map(time),
+    })
+}
+
+fn audits_line(a: &obnam_protocol::control::FriendAudits) -> String {
+    let online = a
+        .online_permille_30d
+        .map(|p| format!("online {:.1}% of 30 days", f64::from(p) / 10.0))
+        .unwrap_or_else(|| "online share not known yet".into());
+    let last = match (a.last_audit_ns, a.last_passed) {
+        (Some(at), Some(true)) => format!("last audit passed {}", time(at)),
+        (Some(at), _) => format!("LAST AUDIT FAILED {}", time(at)),
+        _ => "not audited yet".into(),
+    };
+    format!(
+        "{online}; audits {} passed, {} failed; {last}",
+        a.passed, a.failed
+    )
+}
+
+fn verify(g: &Global) -> Result<u8, Failure> {
+    let r = match call(g, Request::Verify, "auditing friends")? {
+        Reply::Verified(r) => r,
+        r => return Err(unexpected(r)),
+    };
+    let doc = json!({
+        "passed": r.passed, "failed": r.failed, "unreachable": r.unreachable,
+        "audits": r.audits.iter().map(|a| json!({
+            "peer_id": a.peer_id, "name": a.name, "pack": a.pack, "kind": a.kind,
+            "outcome": a.outcome, "detail": a.detail,
+        })).collect::<Vec<_>>(),
+    });
+    if !g.json {
+        for a in &r.audits {
+            let pack = a
+                .pack
+                .as_deref()
+                .map(|p| &p[..p.len().min(12)])
+                .unwrap_or("-");
+            print!("{:<16} {:<7} {:<12} {}", a.name, a.kind, pack, a.outcome);
+            match &a.detail {
+                Some(d) => println!(": {d}"),
+                None => println!(),
+            }
+        }
+        println!(
+            "{} audits passed, {} failed, {} could not be made",
+            r.passed, r.failed, r.unreachable
+        );
+    }
+    let failure = if r.failed > 0 {
+        Some(Failure::new(
+            "audit_failed",
+            format!(
+                "{} audits failed: those packs no longer count as held by that friend and are being repaired",
+                r.failed
+            ),
+        ))
+    } else if r.passed == 0 && r.unreachable > 0 {
+        Some(Failure::new(
+            "not_verified",
+            "no friend could be audited (offline, busy, or holding nothing yet)".into(),
+        ))
+    } else {
+        None
+    };
+    match failure {
+        Some(mut f) => {
+            f.details = Some(doc);
+            Err(f)
+        }
+        None => {
+            if g.json {
+                print_json(&doc);
+            }
+            Ok(exit::OK)
+        }
+    }
 }
 
 /// Prints a failure and returns exit code 1.
@@ -579,6 +680,7 @@ fn peer_json(p: &obnam_protocol::control::PeerInfo) -> serde_json::Value {
         "peer_id": p.peer_id, "name": p.name, "household": p.household, "online": p.online,
         "addrs": p.addrs, "quota_given": p.quota_given, "used_by_them": p.used_by_them,
         "used_by_us": p.used_by_us, "holds_slot": p.holds_slot, "last_error": p.last_error,
+        "audits": audits_json(&p.audits),
     })
 }
 
@@ -634,6 +736,7 @@ fn peer_list(g: &Global) -> Result<u8, Failure> {
                         bytes(p.used_by_us),
                         p.peer_id
                     );
+                    println!("    {}", audits_line(&p.audits));
                     if let Some(e) = &p.last_error {
                         println!("    last problem: {e}");
                     }

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod audits;
 mod errors;
 mod friends;
 mod one_node;

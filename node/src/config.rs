@@ -44,6 +44,17 @@ pub struct NodeConfig {
     pub stream_idle_secs: u64,
     /// Bytes granted to a new friend unless `peer add --quota` says otherwise.
     pub default_quota: u64,
+    /// Audit challenges sent to each friend per day (0: no scheduled audits).
+    pub audits_per_day: u32,
+    /// Seconds a connected friend has to answer an audit before it counts as failed.
+    pub audit_deadline_secs: u64,
+    /// Seconds between two looks at which friends are connected (their online share).
+    pub presence_interval_secs: u64,
+    /// Seconds a friend may stay unseen before its copies count as lost and another friend
+    /// takes its place in the replica set.
+    pub lost_after_secs: u64,
+    /// Most bytes of packs that repair fetches back from friends per replication round.
+    pub repair_bytes_per_round: u64,
 }
 
 impl Default for NodeConfig {
@@ -64,6 +75,11 @@ impl Default for NodeConfig {
             request_timeout_secs: 60,
             stream_idle_secs: 60,
             default_quota: 10 * 1024 * 1024 * 1024,
+            audits_per_day: 16,
+            audit_deadline_secs: 60,
+            presence_interval_secs: 60,
+            lost_after_secs: 14 * 86_400,
+            repair_bytes_per_round: 256 * 1024 * 1024,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Daemon {
     pub net: Net,
     /// The replication actor.
     pub replicator: Arc<Replicator>,
+    /// The audit actor.
+    pub auditor: Arc<crate::audit::Auditor>,
     /// Held by the running backup.
     pub backup_lock: Mutex<()>,
 }
@@ -284,6 +286,40 @@ async fn dispatch(
             .await
             .inspect(|_| daemon.replicator.wake())
         }
+        Request::Verify => {
+            blocking(move || repo.owner().map(|_| ())).await?;
+            use crate::audit::{Kind, Outcome};
+            let done = daemon
+                .auditor
+                .round(Some(&[Kind::Newest, Kind::Root, Kind::Random, Kind::Random]))
+                .await;
+            let mut report = obnam_protocol::control::VerifyReport::default();
+            for a in done {
+                let (outcome, detail) = match a.outcome {
+                    Outcome::Passed => {
+                        report.passed += 1;
+                        ("passed", None)
+                    }
+                    Outcome::Failed(why) => {
+                        report.failed += 1;
+                        ("failed", Some(why))
+                    }
+                    Outcome::Unreachable(why) => {
+                        report.unreachable += 1;
+                        ("unreachable", Some(why))
+                    }
+                };
+                report.audits.push(obnam_protocol::control::AuditInfo {
+                    peer_id: peer_name(&a.friend),
+                    name: a.friend.name.clone(),
+                    pack: a.pack.map(|p| p.to_hex()),
+                    kind: a.kind.name().into(),
+                    outcome: outcome.into(),
+                    detail,
+                });
+            }
+            Ok(Reply::Verified(report))
+        }
         Request::RotateKeys { passphrase } => {
             let _guard = daemon.backup_lock.lock().await;
             let r = blocking(move || crate::rotate::rotate(&repo, &passphrase)).await?;
@@ -409,6 +445,18 @@ async fn dispatch(
                     hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
                     slot_pending,
                     rotation_pending: d.replicator.rotation_pending()?,
+                    friend_health: friends
+                        .iter()
+                        .map(|f| {
+                            Ok(obnam_protocol::control::FriendHealthInfo {
+                                peer_id: peer_name(f),
+                                name: f.name.clone(),
+                                online: libp2p::PeerId::from_bytes(&f.peer_id)
+                                    .is_ok_and(|p| d.net.is_connected(&p)),
+                                audits: friend_audits(&repo, f)?,
+                            })
+                        })
+                        .collect::<Result<_, NodeError>>()?,
                 }))
             })
             .await
@@ -603,6 +651,34 @@ fn peer_info(
         used_by_us: state.used_by_us,
         holds_slot: state.slot_pushed,
         last_error: d.replicator.last_error(&peer),
+        audits: friend_audits(&d.repo, f)?,
+    })
+}
+
+fn peer_name(f: &obnam_protocol::local::Friend) -> String {
+    libp2p::PeerId::from_bytes(&f.peer_id)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A friend's audits and presence for `status` and `peer list`.
+fn friend_audits(
+    repo: &Repo,
+    f: &obnam_protocol::local::Friend,
+) -> Result<obnam_protocol::control::FriendAudits, NodeError> {
+    let h = repo.store.friend_health(&f.peer_id)?;
+    let when = |ns: i64| (ns != 0).then_some(ns);
+    Ok(obnam_protocol::control::FriendAudits {
+        passed: h.audits_passed,
+        failed: h.audits_failed,
+        last_audit_ns: when(h.last_audit_ns),
+        last_passed: (h.last_audit_ns != 0).then_some(h.last_passed),
+        last_failure_ns: when(h.last_failure_ns),
+        last_failure: (!h.last_failure.is_empty()).then(|| h.last_failure.clone()),
+        online_permille_30d: h
+            .online_fraction()
+            .map(|x| (x * 1000.0).round().clamp(0.0, 1000.0) as u32),
+        last_seen_ns: when(h.last_seen_ns),
     })
 }
 

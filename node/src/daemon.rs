@@ -210,6 +210,8 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     let replication_task = tokio::spawn(
         Arc::clone(&replicator).run(Duration::from_secs(config.replication_interval_secs.max(1))),
     );
+    let auditor = crate::audit::Auditor::new(repo.clone(), net.clone(), Arc::clone(&replicator));
+    let audit_task = tokio::spawn(Arc::clone(&auditor).run());
     let socket = paths.socket();
     let listener = control::bind(&socket)?;
     tracing::info!(peer_id = %net.peer_id, socket = %socket.display(), data_dir = %paths.data.display(), "obnam-node started");
@@ -225,6 +227,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         repo,
         net,
         replicator,
+        auditor,
         backup_lock: tokio::sync::Mutex::new(()),
     });
     let server = tokio::spawn(control::serve(listener, daemon));
@@ -237,6 +240,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     server.abort();
     net_task.abort();
     replication_task.abort();
+    audit_task.abort();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

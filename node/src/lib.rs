@@ -19,12 +19,14 @@
 //! | [`net`] | the libp2p swarm: codec, event loop, [`net::Net`] handle |
 //! | [`serve`] | the storage role: answering friends' requests and pack streams |
 //! | [`peers`] | talking to friends as a client: owner proofs, uploads, fetches |
-//! | [`replication`] | the actor that keeps packs and the head on the replica set |
+//! | [`replication`] | the actor that keeps packs and the head on the replica set, and repairs |
+//! | [`audit`] | audits of friends: schedule, challenges, judgement, presence |
 //! | [`recover`] | recovery with name and passphrase, head survey, index rebuild |
 //! | [`control`] | the local control socket, server and client |
 //! | [`daemon`] | start-up and shutdown |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
 pub mod backup;
 pub mod chunker;
 pub mod config;

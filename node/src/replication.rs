@@ -63,6 +63,7 @@ pub struct Replicator {
     wake: Arc<Notify>,
     progress: watch::Sender<u64>,
     sent: AtomicU64,
+    repaired: AtomicU64,
     errors: Mutex<HashMap<PeerId, String>>,
     /// Friends that accepted our takeover statement in this run.
     took_over: Mutex<HashSet<PeerId>>,
@@ -70,6 +71,14 @@ pub struct Replicator {
 
 fn peer_of(f: &Friend) -> Option<PeerId> {
     PeerId::from_bytes(&f.peer_id).ok()
+}
+
+/// Whether a friend last seen at `seen_ns` (or added then) counts as lost at `now_ns`.
+pub fn is_lost(now_ns: i64, seen_ns: i64, lost_after_secs: u64) -> bool {
+    let lost_after = i64::try_from(lost_after_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000_000);
+    now_ns.saturating_sub(seen_ns) > lost_after
 }
 
 fn addrs_of(f: &Friend) -> Vec<Multiaddr> {
@@ -89,6 +98,7 @@ impl Replicator {
             wake,
             progress,
             sent: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
             errors: Mutex::new(HashMap::new()),
             took_over: Mutex::new(HashSet::new()),
         })
@@ -165,14 +175,22 @@ impl Replicator {
     }
 
     /// The replica set: up to `replicas` friends, one per household first, skipping friends
-    /// that refused for quota.
+    /// that refused for quota and friends unseen for longer than `lost_after_secs` (their copies
+    /// count as lost; they are audited, and count again, when they are back).
     pub fn replica_set(&self, friends: &[Friend]) -> Result<Vec<Friend>, NodeError> {
         let replicas = self.repo.config.replicas as usize;
+        let now = crate::repo::now_ns();
         let mut eligible = Vec::new();
         for f in friends {
-            if !self.repo.store.peer_state(&f.peer_id)?.quota_refused {
-                eligible.push(f.clone());
+            if self.repo.store.peer_state(&f.peer_id)?.quota_refused {
+                continue;
             }
+            let online = peer_of(f).is_some_and(|p| self.net.is_connected(&p));
+            let seen = self.repo.store.friend_health(&f.peer_id)?.last_seen_ns;
+            if !online && is_lost(now, seen.max(f.added_ns), self.repo.config.lost_after_secs) {
+                continue;
+            }
+            eligible.push(f.clone());
         }
         eligible.sort_by_key(|f| (f.added_ns, f.peer_id.clone()));
         let mut set: Vec<Friend> = Vec::new();
@@ -265,6 +283,9 @@ impl Replicator {
         }
         let set = self.replica_set(&friends)?;
         let owner = Arc::new(owner);
+        if let Err(e) = self.repair(&owner, &set).await {
+            tracing::warn!(error = %e.full_message(), "repair");
+        }
         // Every friend gets the key slot (recovery needs only one of them); the replica set gets
         // the data too.
         let work = friends.iter().map(|f| {
@@ -289,6 +310,71 @@ impl Replicator {
         }
         self.evict(&friends)?;
         self.retire(&owner, &friends).await
+    }
+
+    /// Repair: packs that left the outbox but that a member of the replica set no longer holds
+    /// (it failed an audit, lost them, or replaced a lost friend) come back into the outbox from
+    /// a friend that still holds them, fewest holders first and at most
+    /// `repair_bytes_per_round` bytes per round; the uploads that follow send them on, and the
+    /// outbox lets them go again once `replicas` friends hold them.
+    async fn repair(&self, owner: &Arc<Owner>, set: &[Friend]) -> Result<(), NodeError> {
+        if set.is_empty() {
+            return Ok(());
+        }
+        let repo = self.repo.clone();
+        let owner = Arc::clone(owner);
+        let members: Vec<Vec<u8>> = set.iter().map(|f| f.peer_id.clone()).collect();
+        let budget = self.repo.config.repair_bytes_per_round.max(1);
+        let repaired = tokio::task::spawn_blocking(move || -> Result<u64, NodeError> {
+            let packs = repo.store.packs()?;
+            let counts = repo.store.holder_counts()?;
+            let total = packs.len() as u64;
+            if members
+                .iter()
+                .all(|m| counts.get(m).copied().unwrap_or(0) >= total)
+            {
+                return Ok(0);
+            }
+            let mut todo = Vec::new();
+            for (id, rec) in packs {
+                if rec.in_outbox {
+                    continue;
+                }
+                let holders = repo.store.holders(&id)?;
+                if members.iter().any(|m| !holders.contains(m)) {
+                    todo.push((holders.len(), rec.created_ns, id, rec.len));
+                }
+            }
+            // Most at risk first: the fewest holders, then the newest.
+            todo.sort_by_key(|(holders, created, _, _)| (*holders, std::cmp::Reverse(*created)));
+            let mut spent = 0u64;
+            for (holders, _, id, len) in todo {
+                if spent > 0 && spent.saturating_add(len) > budget {
+                    break;
+                }
+                match repo.reclaim(&owner.keys, &id) {
+                    Ok(()) => {
+                        spent += len;
+                        tracing::info!(pack = %id.short(), holders, "repair: fetched a pack below its replica target back into the outbox");
+                    }
+                    Err(e) => {
+                        tracing::error!(pack = %id.short(), holders, error = %e.full_message(), "repair: no friend could send a good copy of a pack below its replica target");
+                    }
+                }
+            }
+            Ok(spent)
+        })
+        .await
+        .map_err(|e| NodeError::Control(format!("repair worker failed: {e}")))??;
+        if repaired > 0 {
+            self.repaired.fetch_add(repaired, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Bytes fetched back into the outbox by repair since the node started.
+    pub fn repaired_bytes(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
     }
 
     fn retire_state(&self) -> Result<RetireState, NodeError> {

@@ -412,6 +412,33 @@ impl Repo {
         })
     }
 
+    /// Repair: brings one of our packs that left the outbox back into it, fetched from any friend
+    /// that still holds a good copy (the copy is checked against the pack id), so replication
+    /// can send it to a friend that lost it. Blocking: call it from a blocking thread.
+    ///
+    /// # Errors
+    /// [`NodeError::Shutdown`] without a network, [`NodeError::Net`] when no friend has a good
+    /// copy, [`NodeError::Io`].
+    pub fn reclaim(&self, keys: &Keys, pack: &obnam_protocol::PackId) -> Result<(), NodeError> {
+        let remote = self.remote.get().ok_or(NodeError::Shutdown)?;
+        let private = self.with_private_cache();
+        let fetched = remote
+            .handle
+            .block_on(private.fetch_pack(remote, keys, *pack));
+        let result = fetched.and_then(|()| {
+            let to = self.outbox.path(pack);
+            let dir = to.parent().unwrap_or(&self.paths.data).to_owned();
+            let ctx = || format!("moving repaired pack {pack} into the outbox");
+            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(ctx(), e))?;
+            std::fs::rename(private.cache_path(pack), &to).map_err(|e| NodeError::io(ctx(), e))?;
+            crate::outbox::sync_dir(&dir)?;
+            self.store.mark_in_outbox(pack)?;
+            Ok(())
+        });
+        private.clear_cache();
+        result
+    }
+
     fn cache_path(&self, pack: &obnam_protocol::PackId) -> std::path::PathBuf {
         self.cache_dir.join(format!("{}.pack", pack.to_hex()))
     }

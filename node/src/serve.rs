@@ -17,6 +17,7 @@
 use crate::error::NodeError;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::PeerId;
+use obnam_protocol::audit;
 use obnam_protocol::keyslot::KeySlot;
 use obnam_protocol::msg::{
     self, ErrorCode, MAX_HAVE, MAX_HEAD, MAX_SLOT, MAX_STREAM_HEADER, OwnerProof, Request,
@@ -71,6 +72,30 @@ impl SlotLimiter {
         true
     }
 }
+/// Audit answers made at once (each re-hashes a whole pack); more are answered `Busy`.
+pub const MAX_AUDITS: usize = 2;
+
+/// One of a bounded number of slots, given back on drop.
+struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Slot<'a> {
+    fn take(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(count))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Bytes moved per read or write of a pack body.
 pub const IO_CHUNK: usize = 256 * 1024;
 
@@ -93,6 +118,7 @@ pub struct Server {
     /// Answers unknown lookup ids with a stable fake slot.
     probe_secret: [u8; 32],
     slot_lookups: Mutex<SlotLimiter>,
+    audits_running: std::sync::atomic::AtomicUsize,
     /// How long a pack stream may stay silent (between frames, or in the middle of a body).
     pub stream_idle: Duration,
     on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
@@ -115,6 +141,7 @@ impl Server {
             proven: Mutex::new(HashMap::new()),
             probe_secret,
             slot_lookups: Mutex::new(SlotLimiter::default()),
+            audits_running: std::sync::atomic::AtomicUsize::new(0),
             stream_idle: Duration::from_secs(60),
             on_connect,
         }
@@ -424,6 +451,7 @@ impl Server {
                 ))
             }
             Request::Successor(statement) => self.successor(peer, statement),
+            Request::Audit { owner, challenge } => self.audit(peer, owner, challenge),
             Request::DeleteOwner { owner } => self.delete_owner(peer, owner),
             Request::Takeover(statement) => {
                 let proven = self
@@ -472,6 +500,102 @@ impl Server {
                     )),
                 }
             }
+        }
+    }
+
+    /// Answers an audit challenge with a proof made from the stored pack. Making the proof
+    /// re-hashes the whole pack, so an answer is also a scrub of that pack: a copy that is gone or
+    /// no longer hashes to its id is dropped (its owner repairs it) and the answer is `NotFound`.
+    fn audit(
+        &self,
+        peer: PeerId,
+        owner: OwnerId,
+        challenge: audit::Challenge,
+    ) -> Result<Response, WireError> {
+        self.read_check(&peer, &owner)?;
+        let pack = challenge.pack;
+        let Some(size) = self
+            .store
+            .has_hosted(&owner, &pack)
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?
+        else {
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("pack {pack} of owner {} is not stored here", owner.short()),
+            ));
+        };
+        challenge
+            .check(size)
+            .map_err(|e| refuse(ErrorCode::Malformed, e.to_string()))?;
+        let Some(_slot) = Slot::take(&self.audits_running, MAX_AUDITS) else {
+            return Err(refuse(ErrorCode::Busy, "too many audits in progress"));
+        };
+        let path = self.pack_path(&owner, &pack);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.drop_pack(&owner, &pack, "its file is missing");
+                return Err(refuse(
+                    ErrorCode::NotFound,
+                    format!("pack {pack} was lost here (its file is missing) and is dropped"),
+                ));
+            }
+            Err(e) => {
+                return Err(refuse(
+                    ErrorCode::Internal,
+                    format!("opening pack {pack}: {e}"),
+                ));
+            }
+        };
+        let on_disk = file
+            .metadata()
+            .map_err(|e| refuse(ErrorCode::Internal, format!("reading pack {pack}: {e}")))?
+            .len();
+        if on_disk != size {
+            self.drop_pack(
+                &owner,
+                &pack,
+                &format!("its file has {on_disk} bytes, not {size}"),
+            );
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("pack {pack} was damaged here (wrong length) and is dropped"),
+            ));
+        }
+        let reader = std::io::BufReader::with_capacity(IO_CHUNK, &file);
+        match audit::prove(&challenge, size, reader, &file) {
+            Ok(proof) => Ok(Response::Proof {
+                nonce: challenge.nonce,
+                proof: ByteBuf::from(proof),
+            }),
+            Err(e @ audit::AuditError::Corrupt { .. }) => {
+                self.drop_pack(&owner, &pack, &e.to_string());
+                Err(refuse(
+                    ErrorCode::NotFound,
+                    format!("pack {pack} was corrupt here and is dropped"),
+                ))
+            }
+            Err(e) => Err(refuse(ErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    /// Forgets a hosted pack whose copy is lost or corrupt, and removes its file. Its owner
+    /// finds out at its next audit or pack-list check and sends the pack again.
+    pub fn drop_pack(&self, owner: &OwnerId, pack: &PackId, why: &str) {
+        match self.store.drop_hosted(owner, pack) {
+            Ok(_) => {
+                tracing::warn!(owner = %owner.short(), pack = %pack.short(), why, "dropped a hosted pack; its owner will send it again");
+            }
+            Err(e) => {
+                tracing::error!(owner = %owner.short(), pack = %pack.short(), error = %e, "could not drop a bad hosted pack");
+                return;
+            }
+        }
+        let path = self.pack_path(owner, pack);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a dropped pack's file");
         }
     }
 

@@ -163,8 +163,8 @@ pub fn prove<D: std::io::Read, R: ReadAt>(
         pack: challenge.pack,
         reason: e.to_string(),
     };
-    let outboard = PreOrderOutboard::<Vec<u8>>::create_sized(data, size, AUDIT_BLOCK)
-        .map_err(|e| io(&e))?;
+    let outboard =
+        PreOrderOutboard::<Vec<u8>>::create_sized(data, size, AUDIT_BLOCK).map_err(|e| io(&e))?;
     let actual = PackId(*outboard.root.as_bytes());
     if actual != challenge.pack {
         return Err(AuditError::Corrupt {
@@ -259,7 +259,12 @@ mod tests {
     #[test]
     fn a_proof_verifies_and_yields_the_challenged_bytes() {
         let data = pack(1 << 20, 1);
-        for (offset, len) in [(0, 1024), (4095, 4096), (12_345, 2000), ((1 << 20) - 4096, 4096)] {
+        for (offset, len) in [
+            (0, 1024),
+            (4095, 4096),
+            (12_345, 2000),
+            ((1 << 20) - 4096, 4096),
+        ] {
             let c = challenge(&data, offset, len);
             let proof = prove_mem(&c, &data).unwrap();
             assert!(proof.len() <= MAX_PROOF, "{}", proof.len());

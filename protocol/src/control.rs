@@ -70,6 +70,8 @@ pub enum Request {
         /// The current passphrase (it wraps the new master secret too).
         passphrase: String,
     },
+    /// `obnam verify`: audit every friend now.
+    Verify,
 }
 
 /// The result of a recovery or an index rebuild.
@@ -135,6 +137,8 @@ pub struct PeerInfo {
     pub holds_slot: bool,
     /// The last problem with it, if any.
     pub last_error: Option<String>,
+    /// Audits and presence.
+    pub audits: FriendAudits,
 }
 
 /// `obnam init`.
@@ -290,6 +294,73 @@ pub enum Reply {
         /// Sealed bytes written to the outbox.
         stored_bytes: u64,
     },
+    /// For [`Request::Verify`].
+    Verified(VerifyReport),
+}
+
+/// A friend's audits and presence, as `status` and `peer list` show them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FriendAudits {
+    /// Audits passed.
+    pub passed: u64,
+    /// Audits failed.
+    pub failed: u64,
+    /// When the last audit ended, nanoseconds since the Unix epoch.
+    pub last_audit_ns: Option<i64>,
+    /// Whether the last audit passed.
+    pub last_passed: Option<bool>,
+    /// When the last failed audit ended.
+    pub last_failure_ns: Option<i64>,
+    /// Why it failed.
+    pub last_failure: Option<String>,
+    /// Share of the last 30 days (as far as this node was running) that the friend was
+    /// connected, in thousandths.
+    pub online_permille_30d: Option<u32>,
+    /// When the friend was last connected.
+    pub last_seen_ns: Option<i64>,
+}
+
+/// A friend's audits in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FriendHealthInfo {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Display name.
+    pub name: String,
+    /// Connected now.
+    pub online: bool,
+    /// Audits and presence.
+    pub audits: FriendAudits,
+}
+
+/// One audit of `obnam verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditInfo {
+    /// The friend's peer id.
+    pub peer_id: String,
+    /// The friend's name.
+    pub name: String,
+    /// The challenged pack.
+    pub pack: Option<String>,
+    /// Why this pack: `newest`, `root` or `random`.
+    pub kind: String,
+    /// `passed`, `failed` or `unreachable` (not counted: the friend is offline or busy).
+    pub outcome: String,
+    /// Details of a failure or of unreachability.
+    pub detail: Option<String>,
+}
+
+/// The result of `obnam verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VerifyReport {
+    /// Every audit made.
+    pub audits: Vec<AuditInfo>,
+    /// Audits passed.
+    pub passed: u64,
+    /// Audits failed.
+    pub failed: u64,
+    /// Audits that could not be made.
+    pub unreachable: u64,
 }
 
 /// The node's identity.
@@ -450,6 +521,8 @@ pub struct StatusReply {
     /// While a key rotation retires the old key: the friends that have not yet switched to the
     /// new key or deleted the old key's data.
     pub rotation_pending: Vec<String>,
+    /// Each friend's audits and presence.
+    pub friend_health: Vec<FriendHealthInfo>,
 }
 
 /// Encodes a frame: length prefix and postcard body.

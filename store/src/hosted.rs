@@ -507,9 +507,7 @@ impl Store {
         let t = tx.open_table(FRIEND_HEALTH)?;
         match t.get(peer)? {
             None => Ok(FriendHealth::default()),
-            Some(v) => {
-                FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into()))
-            }
+            Some(v) => FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into())),
         }
     }
 
@@ -527,8 +525,9 @@ impl Store {
             let mut t = tx.open_table(FRIEND_HEALTH)?;
             let mut health = match t.get(peer)? {
                 None => FriendHealth::default(),
-                Some(v) => FriendHealth::from_bytes(v.value())
-                    .map_err(corrupt("friend health".into()))?,
+                Some(v) => {
+                    FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into()))?
+                }
             };
             f(&mut health);
             t.insert(peer, health.to_bytes().as_slice())?;
@@ -577,6 +576,21 @@ impl Store {
     pub fn mark_sent(&self, pack: &PackId) -> Result<(), StoreError> {
         if let Some(mut rec) = self.pack(pack)? {
             rec.in_outbox = false;
+            let tx = self.db.begin_write()?;
+            tx.open_table(self.own.packs)?
+                .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Marks one of our packs as back in the outbox (repair fetched it from a friend).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn mark_in_outbox(&self, pack: &PackId) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.pack(pack)? {
+            rec.in_outbox = true;
             let tx = self.db.begin_write()?;
             tx.open_table(self.own.packs)?
                 .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;

@@ -1,0 +1,186 @@
+//! Audits and repair (the integrity issue): friends prove they hold our packs without sending
+//! them, and what a friend lost or let rot is found and sent to it again.
+
+use crate::util::{TestResult, bins, noise, restored};
+use obnam_simulations::{Node, befriend_all, compare_trees, wait_until};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Scheduled audits every second, a short deadline, presence noted every second.
+const AUDITS: &str = "replication_interval_secs = 1\nrequest_timeout_secs = 20\naudits_per_day = 86400\naudit_deadline_secs = 10\npresence_interval_secs = 1\n";
+
+fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
+    let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{AUDITS}{extra}"))?;
+    n.start()?;
+    Ok(n)
+}
+
+fn hosted_packs(n: &Node) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![n.data_dir.join("hosted")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "pack") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether every hosted pack file is there and hashes to its name.
+fn all_good(n: &Node, count: usize) -> bool {
+    let packs = hosted_packs(n);
+    packs.len() == count
+        && packs.iter().all(|p| {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            std::fs::read(p).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == stem)
+        })
+}
+
+fn health(a: &Node, name: &str) -> anyhow::Result<serde_json::Value> {
+    let s = a.status()?;
+    s["friend_health"]
+        .as_array()
+        .and_then(|l| l.iter().find(|f| f["name"] == name).cloned())
+        .ok_or_else(|| anyhow::anyhow!("no health for {name}: {s}"))
+}
+
+#[test]
+fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let a = node(dir.path(), "a", "replicas = 2\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("d"))?;
+    std::fs::write(src.join("d/big.bin"), noise(20 << 20, 11))?;
+    std::fs::write(src.join("d/small.txt"), b"small file".repeat(50))?;
+    let report = a.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 2, "{report}");
+    let count = hosted_packs(&b).len();
+    assert!(count >= 3, "several packs: {count}");
+    assert!(all_good(&b, count) && all_good(&c, count));
+
+    // Healthy friends pass `verify`, and the scheduled audits and presence show in `status`.
+    let v = a.json(&["verify"], 0)?;
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(
+        v["passed"].as_u64().unwrap() >= 8,
+        "4 audits for each of 2 friends: {v}"
+    );
+    for kind in ["newest", "root", "random"] {
+        assert!(
+            v["audits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["kind"] == kind),
+            "{v}"
+        );
+    }
+    wait_until(
+        "scheduled audits and presence",
+        Duration::from_secs(60),
+        || {
+            let h = health(&a, "b")?;
+            Ok(h["audits"]["passed"].as_u64().unwrap_or(0) > 4
+                && h["audits"]["online_fraction_30d"]
+                    .as_f64()
+                    .is_some_and(|x| x > 0.5)
+                && h["audits"]["last_seen"].is_string())
+        },
+    )?;
+
+    // Behind their backs: one byte flips in one pack at C, and B loses every other pack file
+    // (so each pack still has one good copy somewhere).
+    let rotten = hosted_packs(&c);
+    let rotten_name = rotten[0].file_name().unwrap().to_owned();
+    for p in hosted_packs(&b) {
+        if p.file_name().unwrap() != rotten_name {
+            std::fs::remove_file(p)?;
+        }
+    }
+    let mut bytes = std::fs::read(&rotten[0])?;
+    let mid = bytes.len() / 3;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&rotten[0], bytes)?;
+
+    // `verify` names the failures (exit 1) ...
+    let run = a.obnam(&["verify", "--json"])?;
+    assert_eq!(run.code, 1, "{run:?}");
+    let v = run.json()?;
+    assert!(v["failed"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["error"]["kind"], "audit_failed", "{v}");
+    // ... the scheduled audits find the rest, both friends' failures show in `status`, and
+    // repair sends every lost or rotten pack again, from the friend that still has it.
+    let waited = wait_until(
+        "both faults found and repaired",
+        Duration::from_secs(120),
+        || {
+            let hb = health(&a, "b")?;
+            let hc = health(&a, "c")?;
+            Ok(hb["audits"]["failed"].as_u64().unwrap_or(0) >= 1
+                && hc["audits"]["failed"].as_u64().unwrap_or(0) >= 1
+                && all_good(&b, count)
+                && all_good(&c, count))
+        },
+    );
+    if let Err(e) = waited {
+        anyhow::bail!(
+            "{e}\nb: {} of {count} packs good? {}; c good? {}\nstatus {}\nA's log:\n{}\nB's log:\n{}",
+            hosted_packs(&b).len(),
+            all_good(&b, count),
+            all_good(&c, count),
+            a.status()?,
+            a.log(),
+            b.log()
+        );
+    }
+    let hc = health(&a, "c")?;
+    assert!(hc["audits"]["last_failure"].is_string(), "{hc}");
+    assert!(a.log().contains("AUDIT FAILED"), "a failed audit is logged");
+    assert!(
+        c.log().contains("dropped a hosted pack"),
+        "C dropped its rotten copy"
+    );
+    let s = a.status()?;
+    assert_eq!(s["replicated_to"], 2, "{s}");
+
+    // Friends keep passing afterwards, and a restore is byte-identical.
+    wait_until("clean audits after repair", Duration::from_secs(60), || {
+        let v = a.json(&["verify"], 0)?;
+        Ok(v["failed"] == 0)
+    })?;
+    let target = dir.path().join("restore");
+    let r = a.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    assert_eq!(r["problems"].as_array().unwrap().len(), 0, "{r}");
+    compare_trees(&src, &restored(&target, &src), &[])?;
+    Ok(())
+}
+
+#[test]
+fn verify_without_friends_or_owner_is_a_clear_error() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let a = node(dir.path(), "a", "")?;
+    let run = a.obnam(&["verify"])?;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("init"), "{run:?}");
+    a.init("alice")?;
+    // No friend: nothing to audit, nothing failed.
+    let v = a.json(&["verify"], 0)?;
+    assert_eq!(
+        (v["passed"].as_u64(), v["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    Ok(())
+}

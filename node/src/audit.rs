@@ -1,0 +1,476 @@
+//! Audits of friends, from the owner's side: is each friend still holding our packs?
+//!
+//! The schedule and the judgement are plain functions with no I/O ([`kind_of`], [`pick`],
+//! [`judge`], [`audit_interval`]), so the simulations in `obnam-simulations` can drive the same
+//! code. The [`Auditor`] actor does the I/O:
+//!
+//! - every `86400 / audits_per_day` seconds it sends each friend one challenge
+//!   ([`obnam_protocol::audit::Challenge`]): a random 1-4 KiB range of a pack the friend is
+//!   known to hold. Of every `audits_per_day` challenges to a friend, one names our newest pack
+//!   and one the pack that holds the latest snapshot's root tree; the rest are random;
+//! - the answer is checked against the pack id alone ([`obnam_protocol::audit::verify`]), so
+//!   audits work after a recovery, with no local copy of anything;
+//! - a wrong or missing answer, or none within `audit_deadline_secs` while the friend is
+//!   connected, is a failed audit: it is logged, counted in the friend's health record (shown
+//!   by `status` and `peer list`), and the pack no longer counts as held there, so replication
+//!   repairs it. A friend that is offline is not failed; it is audited when it is back;
+//! - every `presence_interval_secs` it notes which friends are connected, for the online share
+//!   over 30 days.
+//!
+//! A failed audit never bans the friend: its other copies still count, and it is audited again.
+
+use crate::error::NodeError;
+use crate::net::Net;
+use crate::peers;
+use crate::replication::Replicator;
+use crate::repo::{Repo, now_ns};
+use libp2p::PeerId;
+use obnam_protocol::PackId;
+use obnam_protocol::audit::{self, Challenge};
+use obnam_protocol::local::Friend;
+use obnam_protocol::msg::{ErrorCode, Request, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a pack was chosen for a challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Our newest pack that the friend holds.
+    Newest,
+    /// The pack that holds the latest snapshot's root tree.
+    Root,
+    /// Any pack the friend holds, at random.
+    Random,
+}
+
+impl Kind {
+    /// The name `verify --json` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Newest => "newest",
+            Kind::Root => "root",
+            Kind::Random => "random",
+        }
+    }
+}
+
+/// The kind of the `n`-th audit of a friend: of every `per_day` audits, the first names the
+/// newest pack and the second the root's pack (with one audit a day, they alternate).
+pub fn kind_of(n: u64, per_day: u32) -> Kind {
+    let cycle = u64::from(per_day.max(2));
+    match n % cycle {
+        0 => Kind::Newest,
+        1 => Kind::Root,
+        _ => Kind::Random,
+    }
+}
+
+/// Time between two audits of one friend.
+pub fn audit_interval(per_day: u32) -> Duration {
+    Duration::from_secs_f64(86_400.0 / f64::from(per_day.max(1)))
+}
+
+/// Chooses the pack for an audit of `kind` among `held` (the packs the friend is known to hold,
+/// with their lengths). `newest` and `root` fall back to a random pack when the friend does not
+/// hold them. `random` picks among `held`.
+pub fn pick(
+    kind: Kind,
+    held: &[(PackId, u64)],
+    newest: Option<PackId>,
+    root: Option<PackId>,
+    random: u64,
+) -> Option<(PackId, u64)> {
+    if held.is_empty() {
+        return None;
+    }
+    let want = match kind {
+        Kind::Newest => newest,
+        Kind::Root => root,
+        Kind::Random => None,
+    };
+    if let Some(want) = want
+        && let Some(found) = held.iter().find(|(p, _)| *p == want)
+    {
+        return Some(*found);
+    }
+    let i = usize::try_from(random % held.len() as u64).unwrap_or(0);
+    held.get(i).copied()
+}
+
+/// What came of one audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The friend proved the range.
+    Passed,
+    /// A wrong or missing answer: the pack no longer counts as held there.
+    Failed(String),
+    /// No audit happened (the friend is offline or busy); nothing is counted.
+    Unreachable(String),
+}
+
+/// Judges a friend's answer to `challenge` for a pack of `size` bytes. `connected` says whether
+/// a connection to the friend was open when the answer failed to come: silence from a connected
+/// friend is a failure, silence from an offline friend is not.
+pub fn judge(
+    challenge: &Challenge,
+    size: u64,
+    answer: Result<Response, NodeError>,
+    connected: bool,
+) -> Outcome {
+    match answer {
+        Ok(Response::Proof { nonce, proof }) => {
+            if nonce != challenge.nonce {
+                return Outcome::Failed("the answer echoes another challenge's nonce".into());
+            }
+            match audit::verify(challenge, size, &proof) {
+                Ok(_) => Outcome::Passed,
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        }
+        Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
+            Outcome::Unreachable(format!("busy: {}", e.message))
+        }
+        Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => Outcome::Failed(format!(
+            "it has not got pack {}: {}",
+            challenge.pack.short(),
+            e.message
+        )),
+        Ok(Response::Error(e)) => Outcome::Failed(format!("it refused: {e}")),
+        Ok(other) => Outcome::Failed(format!("it answered {other:?}")),
+        Err(e) if connected => Outcome::Failed(format!("no answer in time: {e}")),
+        Err(e) => Outcome::Unreachable(e.to_string()),
+    }
+}
+
+/// One audit made, for `verify` and the log.
+#[derive(Debug, Clone)]
+pub struct Audited {
+    /// The friend.
+    pub friend: Friend,
+    /// The pack challenged, if the friend holds any.
+    pub pack: Option<PackId>,
+    /// Why that pack.
+    pub kind: Kind,
+    /// What came of it.
+    pub outcome: Outcome,
+}
+
+/// The audit actor.
+pub struct Auditor {
+    repo: Repo,
+    net: Net,
+    replicator: Arc<Replicator>,
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    rand::fill(&mut b[..]);
+    u64::from_le_bytes(b)
+}
+
+impl Auditor {
+    /// An auditor for the node's repository and network.
+    pub fn new(repo: Repo, net: Net, replicator: Arc<Replicator>) -> Arc<Self> {
+        Arc::new(Self {
+            repo,
+            net,
+            replicator,
+        })
+    }
+
+    /// Audits and notes presence until the node stops.
+    pub async fn run(self: Arc<Self>) {
+        let every = audit_interval(self.repo.config.audits_per_day);
+        let presence = Duration::from_secs(self.repo.config.presence_interval_secs.max(1));
+        let mut audits = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut looks = tokio::time::interval(presence);
+        audits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = audits.tick() => {
+                    if self.repo.config.audits_per_day > 0 {
+                        self.round(None).await;
+                    }
+                }
+                _ = looks.tick() => {
+                    if let Err(e) = self.note_presence(presence) {
+                        tracing::warn!(error = %e.full_message(), "noting friends' presence");
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_presence(&self, every: Duration) -> Result<(), NodeError> {
+        let now = now_ns();
+        let secs = u32::try_from(every.as_secs()).unwrap_or(u32::MAX);
+        for f in self.repo.store.friends()? {
+            let online = PeerId::from_bytes(&f.peer_id).is_ok_and(|p| self.net.is_connected(&p));
+            self.repo
+                .store
+                .update_friend_health(&f.peer_id, |h| h.note_presence(now, secs, online))?;
+        }
+        Ok(())
+    }
+
+    /// One audit of every friend, in parallel. With `kinds`, every friend gets one audit of
+    /// each kind (for `verify`); without, the next kind on each friend's schedule.
+    pub async fn round(&self, kinds: Option<&[Kind]>) -> Vec<Audited> {
+        let repo = self.repo.clone();
+        let loaded = tokio::task::spawn_blocking(move || targets(&repo)).await;
+        let (owner, friends, newest, root) = match loaded {
+            Ok(Ok(Some(t))) => t,
+            Ok(Ok(None)) => return Vec::new(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e.full_message(), "audit round");
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit round");
+                return Vec::new();
+            }
+        };
+        let work = friends.into_iter().map(|(f, held)| {
+            let owner = Arc::clone(&owner);
+            async move {
+                let per_day = self.repo.config.audits_per_day;
+                let plan: Vec<Kind> = match kinds {
+                    Some(k) => k.to_vec(),
+                    None => {
+                        let n = self
+                            .repo
+                            .store
+                            .update_friend_health(&f.peer_id, |h| h.audits_sent += 1)
+                            .map(|h| h.audits_sent - 1)
+                            .unwrap_or(0);
+                        vec![kind_of(n, per_day)]
+                    }
+                };
+                let mut out = Vec::new();
+                for kind in plan {
+                    let target = pick(kind, &held, newest, root, random_u64());
+                    out.push(self.audit_one(&owner, &f, kind, target).await);
+                }
+                out
+            }
+        });
+        let results: Vec<Audited> = futures::future::join_all(work)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if results
+            .iter()
+            .any(|a| matches!(a.outcome, Outcome::Failed(_)))
+        {
+            // Packs that failed no longer count as held: replication repairs them.
+            self.replicator.wake();
+        }
+        results
+    }
+
+    async fn audit_one(
+        &self,
+        owner: &crate::keys::Owner,
+        f: &Friend,
+        kind: Kind,
+        target: Option<(PackId, u64)>,
+    ) -> Audited {
+        let done = |pack, outcome| Audited {
+            friend: f.clone(),
+            pack,
+            kind,
+            outcome,
+        };
+        let Ok(peer) = PeerId::from_bytes(&f.peer_id) else {
+            return done(None, Outcome::Unreachable("bad peer id".into()));
+        };
+        let Some((pack, size)) = target else {
+            return done(
+                None,
+                Outcome::Unreachable("it holds none of our packs yet".into()),
+            );
+        };
+        let mut random = [0u8; 40];
+        rand::fill(&mut random[..]);
+        let challenge = Challenge::random(pack, size, &random);
+        let deadline = Duration::from_secs(self.repo.config.audit_deadline_secs.max(1));
+        let req = Request::Audit {
+            owner: owner.keys.owner_id(),
+            challenge,
+        };
+        let answer = match tokio::time::timeout(
+            deadline,
+            peers::owner_request(&self.net, peer, &owner.keys, req),
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(_) => Err(NodeError::Net(format!(
+                "no answer from {peer} within {deadline:?}"
+            ))),
+        };
+        let connected = self.net.is_connected(&peer);
+        let outcome = judge(&challenge, size, answer, connected);
+        if let Err(e) = self.record(f, &pack, &outcome) {
+            tracing::warn!(%peer, error = %e.full_message(), "recording an audit");
+        }
+        done(Some(pack), outcome)
+    }
+
+    fn record(&self, f: &Friend, pack: &PackId, outcome: &Outcome) -> Result<(), NodeError> {
+        let now = now_ns();
+        let store = &self.repo.store;
+        match outcome {
+            Outcome::Passed => {
+                tracing::debug!(friend = %f.name, pack = %pack.short(), "audit passed");
+                store.update_friend_health(&f.peer_id, |h| {
+                    h.audits_passed += 1;
+                    h.last_audit_ns = now;
+                    h.last_passed = true;
+                })?;
+            }
+            Outcome::Failed(why) => {
+                tracing::error!(friend = %f.name, pack = %pack.short(), why = %why, "AUDIT FAILED: the friend could not prove it holds our pack; it will be repaired");
+                store.update_friend_health(&f.peer_id, |h| {
+                    h.audits_failed += 1;
+                    h.last_audit_ns = now;
+                    h.last_passed = false;
+                    h.last_failure_ns = now;
+                    h.last_failure = format!("pack {}: {why}", pack.short());
+                })?;
+                store.remove_placement(pack, &f.peer_id)?;
+            }
+            Outcome::Unreachable(why) => {
+                tracing::debug!(friend = %f.name, why = %why, "audit skipped");
+            }
+        }
+        Ok(())
+    }
+}
+
+type Targets = (
+    Arc<crate::keys::Owner>,
+    Vec<(Friend, Vec<(PackId, u64)>)>,
+    Option<PackId>,
+    Option<PackId>,
+);
+
+/// What a round audits: for each friend, the packs it is known to hold; our newest pack; and the
+/// pack of the latest snapshot's root tree. `None` before `init`.
+fn targets(repo: &Repo) -> Result<Option<Targets>, NodeError> {
+    let owner = match repo.owner() {
+        Ok(o) => o,
+        Err(NodeError::NotInitialized) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let packs = repo.store.packs()?;
+    let newest = packs
+        .iter()
+        .max_by_key(|(id, r)| (r.created_ns, *id))
+        .map(|(id, _)| *id);
+    let root = repo
+        .store
+        .snapshots()?
+        .iter()
+        .max_by_key(|(_, r)| r.time_ns)
+        .and_then(|(_, r)| r.root.first().copied())
+        .and_then(|c| repo.store.chunk(&c).ok().flatten())
+        .map(|loc| loc.pack);
+    let mut friends = Vec::new();
+    for f in repo.store.friends()? {
+        let mut held = Vec::new();
+        for (id, rec) in &packs {
+            if repo.store.holders(id)?.contains(&f.peer_id) {
+                held.push((*id, rec.len));
+            }
+        }
+        friends.push((f, held));
+    }
+    Ok(Some((Arc::new(owner), friends, newest, root)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use obnam_protocol::msg::WireError;
+    use serde_bytes::ByteBuf;
+
+    #[test]
+    fn every_days_audits_include_the_newest_pack_and_the_root() {
+        for per_day in [1u32, 2, 3, 16, 64] {
+            let kinds: Vec<Kind> = (0..u64::from(per_day.max(2)))
+                .map(|n| kind_of(n, per_day))
+                .collect();
+            assert!(kinds.contains(&Kind::Newest), "{per_day}");
+            assert!(kinds.contains(&Kind::Root), "{per_day}");
+        }
+        assert_eq!(audit_interval(16), Duration::from_secs(5400));
+        assert_eq!(audit_interval(0), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn picks_prefer_the_named_pack_and_fall_back_to_random() {
+        let held = [(PackId([1; 32]), 10), (PackId([2; 32]), 20)];
+        let two = Some(PackId([2; 32]));
+        let nine = Some(PackId([9; 32]));
+        assert_eq!(pick(Kind::Newest, &held, two, None, 0), Some(held[1]));
+        assert_eq!(pick(Kind::Root, &held, None, two, 0), Some(held[1]));
+        assert_eq!(pick(Kind::Newest, &held, nine, None, 0), Some(held[0]));
+        assert_eq!(pick(Kind::Random, &held, two, two, 3), Some(held[1]));
+        assert_eq!(pick(Kind::Random, &[], two, two, 3), None);
+    }
+
+    #[test]
+    fn answers_are_judged_on_the_proof_alone() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let c = Challenge::random(PackId::of(&data), data.len() as u64, &[3; 40]);
+        let proof = audit::prove(&c, data.len() as u64, &data[..], &data[..]).unwrap();
+        let size = data.len() as u64;
+        let answer = |nonce, proof: &[u8]| {
+            Ok(Response::Proof {
+                nonce,
+                proof: ByteBuf::from(proof.to_vec()),
+            })
+        };
+        assert_eq!(
+            judge(&c, size, answer(c.nonce, &proof), true),
+            Outcome::Passed
+        );
+        assert!(matches!(
+            judge(&c, size, answer([0; 32], &proof), true),
+            Outcome::Failed(_)
+        ));
+        let mut bad = proof.clone();
+        bad[proof.len() / 2] ^= 1;
+        assert!(matches!(
+            judge(&c, size, answer(c.nonce, &bad), true),
+            Outcome::Failed(_)
+        ));
+        let refusal = |code| {
+            Ok(Response::Error(WireError {
+                code,
+                message: "x".into(),
+                available: None,
+            }))
+        };
+        assert!(matches!(
+            judge(&c, size, refusal(ErrorCode::NotFound), true),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(
+            judge(&c, size, refusal(ErrorCode::Busy), true),
+            Outcome::Unreachable(_)
+        ));
+        let silence = || Err(NodeError::Net("timed out".into()));
+        assert!(matches!(
+            judge(&c, size, silence(), true),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(
+            judge(&c, size, silence(), false),
+            Outcome::Unreachable(_)
+        ));
+    }
+}
