@@ -6,11 +6,13 @@ use obnam_simulations::{Node, befriend_all, compare_trees, wait_until};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Scheduled audits every second, a short deadline, presence noted every second.
-const AUDITS: &str = "replication_interval_secs = 1\nrequest_timeout_secs = 20\naudits_per_day = 86400\naudit_deadline_secs = 10\npresence_interval_secs = 1\n";
+const BASE: &str =
+    "replication_interval_secs = 1\nrequest_timeout_secs = 20\npresence_interval_secs = 1\n";
+/// Scheduled audits every second, with a short deadline.
+const AUDITS: &str = "audits_per_day = 86400\naudit_deadline_secs = 10\n";
 
 fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
-    let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{AUDITS}{extra}"))?;
+    let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{BASE}{extra}"))?;
     n.start()?;
     Ok(n)
 }
@@ -53,9 +55,9 @@ fn health(a: &Node, name: &str) -> anyhow::Result<serde_json::Value> {
 #[test]
 fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
     let dir = crate::util::tempdir("obnam-audit-")?;
-    let a = node(dir.path(), "a", "replicas = 2\n")?;
-    let b = node(dir.path(), "b", "")?;
-    let c = node(dir.path(), "c", "")?;
+    let a = node(dir.path(), "a", &format!("replicas = 2\n{AUDITS}"))?;
+    let b = node(dir.path(), "b", AUDITS)?;
+    let c = node(dir.path(), "c", AUDITS)?;
     befriend_all(&[&a, &b, &c])?;
     a.init("alice")?;
     let src = dir.path().join("src");
@@ -171,7 +173,7 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
 #[test]
 fn verify_without_friends_or_owner_is_a_clear_error() -> TestResult {
     let dir = crate::util::tempdir("obnam-audit-")?;
-    let a = node(dir.path(), "a", "")?;
+    let a = node(dir.path(), "a", AUDITS)?;
     let run = a.obnam(&["verify"])?;
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stderr.contains("init"), "{run:?}");
@@ -181,6 +183,40 @@ fn verify_without_friends_or_owner_is_a_clear_error() -> TestResult {
     assert_eq!(
         (v["passed"].as_u64(), v["failed"].as_u64()),
         (Some(0), Some(0))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_friends_scrub_drops_rot_and_the_owner_repairs_it_without_audits() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let no_audits = "audits_per_day = 0\n";
+    let scrub = "audits_per_day = 0\nscrub_bytes_per_sec = 1000000000\nscrub_interval_secs = 1\n";
+    let a = node(dir.path(), "a", &format!("replicas = 2\n{no_audits}"))?;
+    let b = node(dir.path(), "b", scrub)?;
+    let c = node(dir.path(), "c", no_audits)?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("big.bin"), noise(10 << 20, 12))?;
+    a.backup(&[&src], &[], 0)?;
+    let count = hosted_packs(&b).len();
+    let victim = hosted_packs(&b)[0].clone();
+    let mut bytes = std::fs::read(&victim)?;
+    bytes[100] ^= 0x80;
+    std::fs::write(&victim, bytes)?;
+    wait_until(
+        "B's scrub drops the rotten pack and A sends it again",
+        Duration::from_secs(60),
+        || Ok(b.log().contains("scrub: it hashes to") && all_good(&b, count)),
+    )?;
+    assert!(a.log().contains("dropped our packs"), "A was told");
+    let h = health(&a, "b")?;
+    assert_eq!(
+        h["audits"]["passed"].as_u64(),
+        Some(0),
+        "no audit was involved: {h}"
     );
     Ok(())
 }

@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub lost_after_secs: u64,
     /// Most bytes of packs that repair fetches back from friends per replication round.
     pub repair_bytes_per_round: u64,
+    /// Bytes per second at which hosted packs are re-hashed against their ids (0: no scrub).
+    pub scrub_bytes_per_sec: u64,
+    /// Seconds between the end of one scrub pass and the start of the next.
+    pub scrub_interval_secs: u64,
 }
 
 impl Default for NodeConfig {
@@ -80,6 +84,8 @@ impl Default for NodeConfig {
             presence_interval_secs: 60,
             lost_after_secs: 14 * 86_400,
             repair_bytes_per_round: 256 * 1024 * 1024,
+            scrub_bytes_per_sec: 2 * 1024 * 1024,
+            scrub_interval_secs: 3600,
         }
     }
 }

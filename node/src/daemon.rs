@@ -193,6 +193,12 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     );
     server.stream_idle = Duration::from_secs(config.stream_idle_secs.max(1));
     let server = Arc::new(server);
+    crate::scrub::start(
+        Arc::clone(&server),
+        repo.store.clone(),
+        config.scrub_bytes_per_sec,
+        Duration::from_secs(config.scrub_interval_secs.max(1)),
+    );
     let net_config = net::NetConfig {
         listen: config.listen.clone(),
         idle_timeout: Duration::from_secs(config.idle_connection_timeout_secs),

@@ -21,6 +21,7 @@
 //! | [`peers`] | talking to friends as a client: owner proofs, uploads, fetches |
 //! | [`replication`] | the actor that keeps packs and the head on the replica set, and repairs |
 //! | [`audit`] | audits of friends: schedule, challenges, judgement, presence |
+//! | [`scrub`] | the storage role re-hashes hosted packs and drops rotten ones |
 //! | [`recover`] | recovery with name and passphrase, head survey, index rebuild |
 //! | [`control`] | the local control socket, server and client |
 //! | [`daemon`] | start-up and shutdown |
@@ -44,6 +45,7 @@ pub mod replication;
 pub mod repo;
 pub mod restore;
 pub mod rotate;
+pub mod scrub;
 pub mod seal;
 pub mod serve;
 #[cfg(feature = "testing")]

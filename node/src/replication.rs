@@ -618,6 +618,21 @@ impl Replicator {
         if !data {
             return Ok(());
         }
+        // Packs the friend dropped as lost or corrupt (its scrub or an audit found them) no
+        // longer count as held there: repair sends them again.
+        if let Ok(Response::Dropped(dropped)) =
+            peers::owner_request(&self.net, peer, keys, Request::Dropped { owner: owner_id }).await
+        {
+            let mut forgotten = 0;
+            for id in dropped.iter().take(obnam_protocol::msg::MAX_LIST as usize) {
+                if store.remove_placement(id, &f.peer_id)? {
+                    forgotten += 1;
+                }
+            }
+            if forgotten > 0 {
+                tracing::warn!(%peer, packs = forgotten, "friend reports it dropped our packs as lost or corrupt; repairing");
+            }
+        }
         // The head is read before the pack list: a backup committing in between must not send
         // a friend a head whose packs this round did not send.
         let head_at_start = store.own_head()?;

@@ -452,6 +452,14 @@ impl Server {
             }
             Request::Successor(statement) => self.successor(peer, statement),
             Request::Audit { owner, challenge } => self.audit(peer, owner, challenge),
+            Request::Dropped { owner } => {
+                self.read_check(&peer, &owner)?;
+                Ok(Response::Dropped(
+                    self.store
+                        .dropped_packs(&owner, msg::MAX_LIST as usize)
+                        .map_err(internal)?,
+                ))
+            }
             Request::DeleteOwner { owner } => self.delete_owner(peer, owner),
             Request::Takeover(statement) => {
                 let proven = self

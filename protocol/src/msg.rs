@@ -150,6 +150,11 @@ pub enum Request {
         /// The pack, the range and a fresh nonce.
         challenge: Challenge,
     },
+    /// Which of the owner's packs did you drop as lost or corrupt (and not get again since)?
+    Dropped {
+        /// The owner.
+        owner: OwnerId,
+    },
 }
 
 /// A statement, signed with the **old** owner key in
@@ -314,6 +319,8 @@ pub enum Response {
         /// The proof, at most [`crate::audit::MAX_PROOF`] bytes.
         proof: ByteBuf,
     },
+    /// For [`Request::Dropped`]: at most [`MAX_LIST`] pack ids.
+    Dropped(Vec<PackId>),
 }
 
 /// A request on [`PACKS_PROTOCOL`].

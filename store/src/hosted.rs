@@ -9,6 +9,7 @@
 //! | `slots-0` | lookup id → owner id ‖ key slot |
 //! | `placement-0` | pack id →→ peer id bytes (multimap: friends holding our pack) |
 //! | `peer-state-0` | peer id bytes → [`PeerState`] (what we sent that friend) |
+//! | `dropped-0` | owner id ‖ pack id → when (ns): hosted packs dropped as lost or corrupt, until the owner stores them again |
 //! | `friend-health-0` | peer id bytes → [`FriendHealth`] (audits and presence of that friend) |
 //!
 //! Quota is counted in logical bytes (pack lengths) and checked in the same write transaction
@@ -30,6 +31,7 @@ pub(crate) const SLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new
 pub(crate) const PLACEMENT: MultimapTableDefinition<&[u8; 32], &[u8]> =
     MultimapTableDefinition::new("placement-0");
 pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer-state-0");
+pub(crate) const DROPPED: TableDefinition<&[u8; 64], i64> = TableDefinition::new("dropped-0");
 pub(crate) const FRIEND_HEALTH: TableDefinition<&[u8], &[u8]> =
     TableDefinition::new("friend-health-0");
 /// Retired owner → its successor. Kept after the owner's data is deleted, so that the retired
@@ -333,6 +335,7 @@ impl Store {
                             rec.packs += 1;
                             owners.insert(owner.as_bytes(), rec.to_bytes().as_slice())?;
                             hosted.insert(&key, len)?;
+                            tx.open_table(DROPPED)?.remove(&key)?;
                             PutOutcome::Stored
                         }
                     }
@@ -483,8 +486,14 @@ impl Store {
         let tx = self.db.begin_write()?;
         let dropped = {
             let mut hosted = tx.open_table(HOSTED)?;
-            let len = hosted.remove(&hosted_key(owner, pack))?.map(|v| v.value());
+            let key = hosted_key(owner, pack);
+            let len = hosted.remove(&key)?.map(|v| v.value());
             if let Some(len) = len {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+                    .unwrap_or(0);
+                tx.open_table(DROPPED)?.insert(&key, now)?;
                 let mut owners = tx.open_table(OWNERS)?;
                 if let Some(mut rec) = owner_record(&owners, owner)? {
                     rec.used = rec.used.saturating_sub(len);
@@ -496,6 +505,26 @@ impl Store {
         };
         tx.commit()?;
         Ok(dropped)
+    }
+
+    /// Packs of `owner` dropped here as lost or corrupt and not stored again since, at most
+    /// `limit`: the owner asks for them at each contact and repairs them.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn dropped_packs(&self, owner: &OwnerId, limit: usize) -> Result<Vec<PackId>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DROPPED)?;
+        let start = hosted_key(owner, &PackId([0; 32]));
+        let end = hosted_key(owner, &PackId([0xff; 32]));
+        let mut out = Vec::new();
+        for item in t.range::<&[u8; 64]>(&start..=&end)?.take(limit) {
+            let (k, _) = item?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&k.value()[32..]);
+            out.push(PackId(id));
+        }
+        Ok(out)
     }
 
     /// A friend's audit and presence record (empty when none yet).
@@ -696,6 +725,8 @@ mod tests {
         // A dropped pack (corrupt or lost) frees its bytes, and can be stored again.
         assert_eq!(store.drop_hosted(&owner, &PackId([2; 32]))?, Some(40));
         assert_eq!(store.drop_hosted(&owner, &PackId([2; 32]))?, None);
+        assert_eq!(store.dropped_packs(&owner, 10)?, vec![PackId([2; 32])]);
+        assert_eq!(store.dropped_packs(&other, 10)?, vec![]);
         assert_eq!(store.has_hosted(&owner, &PackId([2; 32]))?, None);
         assert_eq!(store.available(&owner)?, Some((100, 60)));
         assert_eq!(store.hosted_owner(&owner)?.map(|o| o.packs), Some(1));
@@ -703,6 +734,7 @@ mod tests {
             store.commit_hosted(&owner, &PackId([2; 32]), 40)?,
             PutOutcome::Stored
         );
+        assert_eq!(store.dropped_packs(&owner, 10)?, vec![], "stored again");
         Ok(())
     }
 
@@ -903,6 +935,8 @@ impl Store {
             let start = hosted_key(owner, &PackId([0; 32]));
             let end = hosted_key(owner, &PackId([0xff; 32]));
             tx.open_table(HOSTED)?
+                .retain_in::<&[u8; 64], _>(&start..=&end, |_, _| false)?;
+            tx.open_table(DROPPED)?
                 .retain_in::<&[u8; 64], _>(&start..=&end, |_, _| false)?;
             tx.open_table(HEADS)?.remove(owner.as_bytes())?;
             tx.open_table(SLOTS)?

@@ -161,6 +161,7 @@ impl Store {
             tx.open_multimap_table(hosted::PLACEMENT)?;
             tx.open_table(hosted::PEER_STATE)?;
             tx.open_table(hosted::FRIEND_HEALTH)?;
+            tx.open_table(hosted::DROPPED)?;
             let mut meta = tx.open_table(META)?;
             let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
             match schema {
