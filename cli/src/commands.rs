@@ -321,7 +321,7 @@ fn snapshots(g: &Global) -> Result<u8, Failure> {
             .iter()
             .map(|s| {
                 json!({"id": s.id.to_hex(), "time": time(s.time_ns), "host": s.host, "paths": s.paths,
-                       "tags": s.tags, "files": s.files, "bytes": s.bytes})
+                       "tags": s.tags, "files": s.files, "bytes": s.bytes, "health": health_json(&s.health)})
             })
             .collect();
         print_json(&json!(v));
@@ -329,21 +329,26 @@ fn snapshots(g: &Global) -> Result<u8, Failure> {
         println!("no snapshots yet");
     } else {
         println!(
-            "{:<10} {:<21} {:<16} {:>8} {:>10}  {:<12} paths",
-            "id", "time", "host", "files", "size", "tags"
+            "{:<10} {:<21} {:<16} {:>8} {:>10} {:>7} {:>6}  {:<12} paths",
+            "id", "time", "host", "files", "size", "friends", "1-only", "tags"
         );
         for s in &list {
             println!(
-                "{:<10} {:<21} {:<16} {:>8} {:>10}  {:<12} {}",
+                "{:<10} {:<21} {:<16} {:>8} {:>10} {:>7} {:>6}  {:<12} {}",
                 s.id.short(),
                 time(s.time_ns),
                 s.host,
                 s.files,
                 bytes(s.bytes),
+                s.health.friends_holding_all,
+                percent(s.health.single_friend_bytes, s.health.pack_bytes),
                 s.tags.join(","),
                 s.paths.join(" ")
             );
         }
+        println!(
+            "friends: how many friends hold every pack of the snapshot; 1-only: share of its data that only one friend holds"
+        );
     }
     Ok(exit::OK)
 }
@@ -504,6 +509,7 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "replicas": s.replicas, "replicated_to": s.replicated_to, "under_replicated": s.under_replicated,
             "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
             "slot_pending": s.slot_pending, "rotation_pending": s.rotation_pending,
+            "latest_snapshot_health": s.latest_snapshot_health.as_deref().map(health_json),
             "friend_health": s.friend_health.iter().map(|f| json!({
                 "peer_id": f.peer_id, "name": f.name, "online": f.online, "audits": audits_json(&f.audits),
             })).collect::<Vec<_>>(),
@@ -558,6 +564,14 @@ fn status(g: &Global) -> Result<u8, Failure> {
         for r in &s.rotation_pending {
             println!("key rotation:   waiting for {r}");
         }
+        if let Some(h) = &s.latest_snapshot_health {
+            println!(
+                "newest snapshot: {} friends hold all of it; {} of its data is held by only one friend, {} by none",
+                h.friends_holding_all,
+                percent(h.single_friend_bytes, h.pack_bytes),
+                percent(h.unheld_bytes, h.pack_bytes)
+            );
+        }
         for f in &s.friend_health {
             println!(
                 "friend {}:{} {}",
@@ -571,6 +585,26 @@ fn status(g: &Global) -> Result<u8, Failure> {
         }
     }
     Ok(exit::OK)
+}
+
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    format!("{:.0}%", 100.0 * share(part, whole))
+}
+
+fn health_json(h: &obnam_protocol::control::SnapshotHealth) -> serde_json::Value {
+    json!({
+        "friends_holding_all": h.friends_holding_all, "pack_bytes": h.pack_bytes,
+        "single_friend_share": share(h.single_friend_bytes, h.pack_bytes),
+        "unheld_share": share(h.unheld_bytes, h.pack_bytes),
+    })
 }
 
 fn audits_json(a: &obnam_protocol::control::FriendAudits) -> serde_json::Value {

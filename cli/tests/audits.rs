@@ -9,7 +9,8 @@ use std::time::Duration;
 const BASE: &str =
     "replication_interval_secs = 1\nrequest_timeout_secs = 20\npresence_interval_secs = 1\n";
 /// Scheduled audits every second, with a short deadline.
-const AUDITS: &str = "audits_per_day = 86400\naudit_deadline_secs = 10\n";
+const AUDITS: &str =
+    "audits_per_day = 86400\naudit_deadline_secs = 10\naudit_answers_per_minute = 1000\n";
 
 fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
     let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{BASE}{extra}"))?;
@@ -69,6 +70,13 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
     let count = hosted_packs(&b).len();
     assert!(count >= 3, "several packs: {count}");
     assert!(all_good(&b, count) && all_good(&c, count));
+    // Both friends hold all of the snapshot: `snapshots` and `status` say so.
+    let snaps = a.json(&["snapshots"], 0)?;
+    let h = &snaps[0]["health"];
+    assert_eq!(h["friends_holding_all"], 2, "{snaps}");
+    assert_eq!(h["single_friend_share"], 0.0, "{snaps}");
+    let s = a.status()?;
+    assert_eq!(s["latest_snapshot_health"]["friends_holding_all"], 2, "{s}");
 
     // Healthy friends pass `verify`, and the scheduled audits and presence show in `status`.
     let v = a.json(&["verify"], 0)?;
@@ -218,5 +226,43 @@ fn a_friends_scrub_drops_rot_and_the_owner_repairs_it_without_audits() -> TestRe
         Some(0),
         "no audit was involved: {h}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_friend_that_removes_us_is_replaced_and_its_copies_are_made_elsewhere() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let off = "audits_per_day = 0\n";
+    let a = node(dir.path(), "a", &format!("replicas = 2\n{off}"))?;
+    let b = node(dir.path(), "b", off)?;
+    let c = node(dir.path(), "c", off)?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("big.bin"), noise(10 << 20, 13))?;
+    a.backup(&[&src], &[], 0)?;
+    let count = hosted_packs(&b).len();
+    assert_eq!(a.status()?["outbox_packs"], 0, "the packs left A's outbox");
+    // D joins as a third friend, outside the replica set (it gets the key slot only).
+    let d = node(dir.path(), "d", off)?;
+    befriend_all(&[&a, &d])?;
+    assert_eq!(hosted_packs(&d).len(), 0);
+    // B stops being A's friend: A notices, D takes B's place, and gets every pack from C.
+    b.json(&["peer", "remove", &a.peer_id], 0)?;
+    wait_until("D holds every pack", Duration::from_secs(60), || {
+        Ok(all_good(&d, count))
+    })?;
+    let waited = wait_until(
+        "two friends hold everything",
+        Duration::from_secs(30),
+        || {
+            let s = a.status()?;
+            Ok(s["replicated_to"] == 2 && s["outbox_packs"] == 0)
+        },
+    );
+    if let Err(e) = waited {
+        anyhow::bail!("{e}: {}\n{}", a.status()?, a.log());
+    }
     Ok(())
 }

@@ -419,7 +419,9 @@ fn a_full_outbox_in_the_middle_of_a_large_backup_stops_it_cleanly() -> TestResul
     // must end with an error and release the backup lock, and the node must take the next
     // backup. (The rarer hang when every queue is full at that moment is closed in the code by
     // dropping the walker's side of the job queue; it is too timing-dependent to force here.)
-    let f = Fixture::started("outbox_max_bytes = 9000000\n")?;
+    // Below one full pack (8 MiB of chunks), so no pack of the large backup fits, whatever the
+    // timing, and the small backup after it does.
+    let f = Fixture::started("outbox_max_bytes = 8000000\n")?;
     f.node.init("alice")?;
     let src = f.path("src");
     std::fs::create_dir_all(&src)?;

@@ -27,7 +27,7 @@ use crate::repo::{Repo, now_ns};
 use libp2p::PeerId;
 use obnam_protocol::PackId;
 use obnam_protocol::audit::{self, Challenge};
-use obnam_protocol::local::Friend;
+use obnam_protocol::local::{Friend, MAX_REASON, MAX_UNANSWERED};
 use obnam_protocol::msg::{ErrorCode, Request, Response};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,13 +104,17 @@ pub enum Outcome {
     Passed,
     /// A wrong or missing answer: the pack no longer counts as held there.
     Failed(String),
-    /// No audit happened (the friend is offline or busy); nothing is counted.
+    /// A connected friend did not answer (it was busy, or the connection dropped): not a
+    /// failure by itself, but [`MAX_UNANSWERED`] in a row are.
+    Unanswered(String),
+    /// No audit happened (the friend is offline, or holds nothing of ours); nothing is counted.
     Unreachable(String),
 }
 
 /// Judges a friend's answer to `challenge` for a pack of `size` bytes. `connected` says whether
-/// a connection to the friend was open when the answer failed to come: silence from a connected
-/// friend is a failure, silence from an offline friend is not.
+/// a connection to the friend was open when the challenge was sent or when the answer failed to
+/// come: a timeout then is a failure, and a dropped connection is [`Outcome::Unanswered`];
+/// silence from an offline friend is not counted.
 pub fn judge(
     challenge: &Challenge,
     size: u64,
@@ -128,7 +132,7 @@ pub fn judge(
             }
         }
         Ok(Response::Error(e)) if e.code == ErrorCode::Busy => {
-            Outcome::Unreachable(format!("busy: {}", e.message))
+            Outcome::Unanswered(format!("busy: {}", e.message))
         }
         Ok(Response::Error(e)) if e.code == ErrorCode::NotFound => Outcome::Failed(format!(
             "it has not got pack {}: {}",
@@ -136,11 +140,17 @@ pub fn judge(
             e.message
         )),
         Ok(Response::Error(e)) => Outcome::Failed(format!("it refused: {e}")),
-        Ok(other) => Outcome::Failed(format!("it answered {other:?}")),
-        Err(e) if connected => Outcome::Failed(format!("no answer in time: {e}")),
+        Ok(_) => Outcome::Failed("it answered with another kind of message".into()),
+        Err(NodeError::Net(e)) if connected && e.starts_with(TIMED_OUT) => {
+            Outcome::Failed(format!("no answer in time: {e}"))
+        }
+        Err(e) if connected => Outcome::Unanswered(e.to_string()),
         Err(e) => Outcome::Unreachable(e.to_string()),
     }
 }
+
+/// How a timed-out audit's error starts.
+const TIMED_OUT: &str = "no answer from";
 
 /// One audit made, for `verify` and the log.
 #[derive(Debug, Clone)]
@@ -300,6 +310,7 @@ impl Auditor {
             owner: owner.keys.owner_id(),
             challenge,
         };
+        let connected_before = self.net.is_connected(&peer);
         let answer = match tokio::time::timeout(
             deadline,
             peers::owner_request(&self.net, peer, &owner.keys, req),
@@ -308,30 +319,57 @@ impl Auditor {
         {
             Ok(a) => a,
             Err(_) => Err(NodeError::Net(format!(
-                "no answer from {peer} within {deadline:?}"
+                "{TIMED_OUT} {peer} within {deadline:?}"
             ))),
         };
-        let connected = self.net.is_connected(&peer);
+        let connected = connected_before || self.net.is_connected(&peer);
         let outcome = judge(&challenge, size, answer, connected);
-        if let Err(e) = self.record(f, &pack, &outcome) {
-            tracing::warn!(%peer, error = %e.full_message(), "recording an audit");
+        match self.record(f, &pack, outcome) {
+            Ok(outcome) => done(Some(pack), outcome),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e.full_message(), "recording an audit");
+                done(Some(pack), Outcome::Unreachable(e.to_string()))
+            }
         }
-        done(Some(pack), outcome)
     }
 
-    fn record(&self, f: &Friend, pack: &PackId, outcome: &Outcome) -> Result<(), NodeError> {
+    /// Counts an audit in the friend's record, and returns the outcome as counted (enough
+    /// unanswered audits in a row become a failure).
+    fn record(&self, f: &Friend, pack: &PackId, outcome: Outcome) -> Result<Outcome, NodeError> {
         let now = now_ns();
         let store = &self.repo.store;
-        match outcome {
+        let outcome = match outcome {
+            Outcome::Unanswered(why) => {
+                let h = store.update_friend_health(&f.peer_id, |h| h.unanswered += 1)?;
+                if h.unanswered >= MAX_UNANSWERED {
+                    Outcome::Failed(format!(
+                        "it left {} audits in a row unanswered while connected; the last: {why}",
+                        h.unanswered
+                    ))
+                } else {
+                    tracing::debug!(friend = %f.name, why = %why, "audit unanswered");
+                    return Ok(Outcome::Unanswered(why));
+                }
+            }
+            other => other,
+        };
+        match &outcome {
             Outcome::Passed => {
                 tracing::debug!(friend = %f.name, pack = %pack.short(), "audit passed");
                 store.update_friend_health(&f.peer_id, |h| {
                     h.audits_passed += 1;
                     h.last_audit_ns = now;
                     h.last_passed = true;
+                    h.unanswered = 0;
                 })?;
+                // Proof beats any earlier doubt: the pack counts as held there again.
+                if store.is_suspect(pack, &f.peer_id)? {
+                    tracing::info!(friend = %f.name, pack = %pack.short(), "audit passed for a pack the friend had failed before; it counts again");
+                    store.confirm_placement(pack, &f.peer_id)?;
+                }
             }
             Outcome::Failed(why) => {
+                let why: String = why.chars().take(MAX_REASON).collect();
                 tracing::error!(friend = %f.name, pack = %pack.short(), why = %why, "AUDIT FAILED: the friend could not prove it holds our pack; it will be repaired");
                 store.update_friend_health(&f.peer_id, |h| {
                     h.audits_failed += 1;
@@ -339,15 +377,69 @@ impl Auditor {
                     h.last_passed = false;
                     h.last_failure_ns = now;
                     h.last_failure = format!("pack {}: {why}", pack.short());
+                    h.unanswered = 0;
                 })?;
-                store.remove_placement(pack, &f.peer_id)?;
+                store.suspect_placement(pack, &f.peer_id)?;
             }
+            Outcome::Unanswered(_) => {}
             Outcome::Unreachable(why) => {
                 tracing::debug!(friend = %f.name, why = %why, "audit skipped");
             }
         }
-        Ok(())
+        Ok(outcome)
     }
+}
+
+/// How well `friends` (peer id bytes: those whose copies count) hold each snapshot, oldest
+/// first (see
+/// [`SnapshotHealth`](obnam_protocol::control::SnapshotHealth)). A snapshot's packs are taken to
+/// be every pack written before the next snapshot's backup started (backups run one at a time),
+/// so the figures never overstate.
+///
+/// # Errors
+/// Database errors.
+pub fn snapshot_health(
+    repo: &Repo,
+    friends: &[Vec<u8>],
+) -> Result<Vec<obnam_protocol::control::SnapshotHealth>, NodeError> {
+    use obnam_protocol::control::SnapshotHealth;
+    let mut snaps: Vec<i64> = repo
+        .store
+        .snapshots()?
+        .iter()
+        .map(|(_, r)| r.time_ns)
+        .collect();
+    snaps.sort_unstable();
+    let mut packs = repo.store.packs()?;
+    packs.sort_by_key(|(_, r)| r.created_ns);
+    let mut held = vec![0u64; friends.len()];
+    let mut acc = SnapshotHealth::default();
+    let mut count = 0u64;
+    let mut next = packs.into_iter().peekable();
+    let mut out = Vec::with_capacity(snaps.len());
+    for (i, _) in snaps.iter().enumerate() {
+        let cutoff = snaps.get(i + 1).copied().unwrap_or(i64::MAX);
+        while let Some((id, rec)) = next.next_if(|(_, r)| r.created_ns < cutoff) {
+            let holders = repo.store.holders(&id)?;
+            let mut n = 0;
+            for (j, f) in friends.iter().enumerate() {
+                if holders.contains(f) {
+                    held[j] += 1;
+                    n += 1;
+                }
+            }
+            count += 1;
+            acc.pack_bytes += rec.len;
+            match n {
+                0 => acc.unheld_bytes += rec.len,
+                1 => acc.single_friend_bytes += rec.len,
+                _ => {}
+            }
+        }
+        acc.friends_holding_all = held.iter().filter(|h| **h == count).count() as u32;
+        out.push(acc);
+    }
+    Ok(out)
 }
 
 type Targets = (
@@ -378,12 +470,24 @@ fn targets(repo: &Repo) -> Result<Option<Targets>, NodeError> {
         .and_then(|(_, r)| r.root.first().copied())
         .and_then(|c| repo.store.chunk(&c).ok().flatten())
         .map(|loc| loc.pack);
+    let list = repo.store.friends()?;
+    let mut held: Vec<Vec<(PackId, u64)>> = vec![Vec::new(); list.len()];
+    for (id, rec) in &packs {
+        let holders = repo.store.holders(id)?;
+        for (i, f) in list.iter().enumerate() {
+            if holders.contains(&f.peer_id) {
+                held[i].push((*id, rec.len));
+            }
+        }
+    }
     let mut friends = Vec::new();
-    for f in repo.store.friends()? {
-        let mut held = Vec::new();
-        for (id, rec) in &packs {
-            if repo.store.holders(id)?.contains(&f.peer_id) {
-                held.push((*id, rec.len));
+    for (f, mut held) in list.into_iter().zip(held) {
+        // Packs the friend failed before are audited again: a pass makes them count again.
+        for id in repo.store.suspects_of(&f.peer_id)? {
+            if let Some((_, rec)) = packs.iter().find(|(p, _)| *p == id)
+                && !held.iter().any(|(p, _)| *p == id)
+            {
+                held.push((id, rec.len));
             }
         }
         friends.push((f, held));
@@ -461,9 +565,14 @@ mod tests {
         ));
         assert!(matches!(
             judge(&c, size, refusal(ErrorCode::Busy), true),
-            Outcome::Unreachable(_)
+            Outcome::Unanswered(_)
         ));
-        let silence = || Err(NodeError::Net("timed out".into()));
+        let dropped = || Err(NodeError::Net("connection closed".into()));
+        assert!(matches!(
+            judge(&c, size, dropped(), true),
+            Outcome::Unanswered(_)
+        ));
+        let silence = || Err(NodeError::Net(format!("{TIMED_OUT} x within 10s")));
         assert!(matches!(
             judge(&c, size, silence(), true),
             Outcome::Failed(_)

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub scrub_bytes_per_sec: u64,
     /// Seconds between the end of one scrub pass and the start of the next.
     pub scrub_interval_secs: u64,
+    /// Storage role: audits one node may ask of this node per minute (each re-reads a pack).
+    pub audit_answers_per_minute: u32,
 }
 
 impl Default for NodeConfig {
@@ -86,6 +88,7 @@ impl Default for NodeConfig {
             repair_bytes_per_round: 256 * 1024 * 1024,
             scrub_bytes_per_sec: 2 * 1024 * 1024,
             scrub_interval_secs: 3600,
+            audit_answers_per_minute: 10,
         }
     }
 }

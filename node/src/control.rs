@@ -203,7 +203,9 @@ async fn dispatch(
             let report = blocking(move || backup::backup(&backup_repo, &req, &events)).await?;
             wait_for_replicas(daemon, report, timeout, &tx).await.map(Reply::Backup)
         }
-        Request::Snapshots => blocking(move || {
+        Request::Snapshots => {
+            let replicator = Arc::clone(&daemon.replicator);
+            blocking(move || {
             let owner = repo.owner()?;
             repo.check_index()?;
             // Friends may hold a newer head (written by another node of this owner, or before a
@@ -230,11 +232,14 @@ async fn dispatch(
                     }
                 }
             }
-            let list = repo
-                .store
-                .snapshots()?
+            let mut records = repo.store.snapshots()?;
+            records.sort_by_key(|(_, r)| r.time_ns);
+            let counted = replicator.counted_friends()?;
+            let health = crate::audit::snapshot_health(&repo, &counted)?;
+            let list = records
                 .into_iter()
-                .map(|(id, r)| SnapshotInfo {
+                .zip(health)
+                .map(|((id, r), health)| SnapshotInfo {
                     id,
                     time_ns: r.time_ns,
                     host: r.host.clone(),
@@ -242,11 +247,13 @@ async fn dispatch(
                     tags: r.tags.clone(),
                     files: r.files,
                     bytes: r.bytes,
+                    health,
                 })
                 .collect();
             Ok(Reply::Snapshots(list))
         })
-        .await,
+        .await
+        }
         Request::Ls(req) => {
             let events = ChanEvents(tx);
             blocking(move || {
@@ -304,7 +311,7 @@ async fn dispatch(
                         report.failed += 1;
                         ("failed", Some(why))
                     }
-                    Outcome::Unreachable(why) => {
+                    Outcome::Unreachable(why) | Outcome::Unanswered(why) => {
                         report.unreachable += 1;
                         ("unreachable", Some(why))
                     }
@@ -457,6 +464,7 @@ async fn dispatch(
                             })
                         })
                         .collect::<Result<_, NodeError>>()?,
+                    latest_snapshot_health: crate::audit::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().copied().map(Box::new),
                 }))
             })
             .await

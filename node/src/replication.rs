@@ -35,6 +35,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 const META_RETIRE: &str = "retire-state";
+/// Failed repair fetches after which a round's repair stops.
+const MAX_REPAIR_FAILURES: usize = 3;
 
 /// Which friends switched to the new owner key, and which deleted the old key's data.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -175,19 +177,14 @@ impl Replicator {
     }
 
     /// The replica set: up to `replicas` friends, one per household first, skipping friends
-    /// that refused for quota and friends unseen for longer than `lost_after_secs` (their copies
+    /// that refused for quota, friends that no longer accept us as a friend, and friends unseen for longer than `lost_after_secs` (their copies
     /// count as lost; they are audited, and count again, when they are back).
     pub fn replica_set(&self, friends: &[Friend]) -> Result<Vec<Friend>, NodeError> {
         let replicas = self.repo.config.replicas as usize;
         let now = crate::repo::now_ns();
         let mut eligible = Vec::new();
         for f in friends {
-            if self.repo.store.peer_state(&f.peer_id)?.quota_refused {
-                continue;
-            }
-            let online = peer_of(f).is_some_and(|p| self.net.is_connected(&p));
-            let seen = self.repo.store.friend_health(&f.peer_id)?.last_seen_ns;
-            if !online && is_lost(now, seen.max(f.added_ns), self.repo.config.lost_after_secs) {
+            if self.repo.store.peer_state(&f.peer_id)?.quota_refused || !self.counts(f, now)? {
                 continue;
             }
             eligible.push(f.clone());
@@ -210,7 +207,36 @@ impl Replicator {
         Ok(set)
     }
 
-    /// How many friends hold every pack and a head of sequence `seq` or newer.
+    /// Whether a friend's copies count: it has not removed us, and it was seen within
+    /// `lost_after_secs` (or is connected now).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn counts(&self, f: &Friend, now: i64) -> Result<bool, NodeError> {
+        let online = peer_of(f).is_some_and(|p| self.net.is_connected(&p));
+        let health = self.repo.store.friend_health(&f.peer_id)?;
+        let seen = health.last_seen_ns.max(f.added_ns);
+        Ok(health.refused_since_ns == 0
+            && (online || !is_lost(now, seen, self.repo.config.lost_after_secs)))
+    }
+
+    /// The friends whose copies count ([`Replicator::counts`]), as peer id bytes.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn counted_friends(&self) -> Result<Vec<Vec<u8>>, NodeError> {
+        let now = crate::repo::now_ns();
+        let mut out = Vec::new();
+        for f in self.repo.store.friends()? {
+            if self.counts(&f, now)? {
+                out.push(f.peer_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many friends hold every pack and a head of sequence `seq` or newer (friends whose
+    /// copies do not count, see [`Replicator::counts`], are not counted).
     ///
     /// # Errors
     /// Database errors.
@@ -222,7 +248,11 @@ impl Replicator {
         let counts = self.repo.store.holder_counts()?;
         let mut holders = 0;
         let mut waiting = Vec::new();
+        let now = crate::repo::now_ns();
         for f in &friends {
+            if !self.counts(f, now)? {
+                continue;
+            }
             let state = self.repo.store.peer_state(&f.peer_id)?;
             let held = counts.get(&f.peer_id).copied().unwrap_or(0);
             let missing = packs.saturating_sub(held);
@@ -308,7 +338,8 @@ impl Replicator {
                 .map(|f| self.sync_friend(f.clone(), Arc::clone(&owner), true));
             futures::future::join_all(work).await;
         }
-        self.evict(&friends)?;
+        let set = self.replica_set(&friends)?;
+        self.evict(&set)?;
         self.retire(&owner, &friends).await
     }
 
@@ -323,7 +354,16 @@ impl Replicator {
         }
         let repo = self.repo.clone();
         let owner = Arc::clone(owner);
-        let members: Vec<Vec<u8>> = set.iter().map(|f| f.peer_id.clone()).collect();
+        // Only for members we can send to now: a pack fetched for an offline member would wait in
+        // the outbox.
+        let members: Vec<Vec<u8>> = set
+            .iter()
+            .filter(|f| peer_of(f).is_some_and(|p| self.net.is_connected(&p)))
+            .map(|f| f.peer_id.clone())
+            .collect();
+        if members.is_empty() {
+            return Ok(());
+        }
         let budget = self.repo.config.repair_bytes_per_round.max(1);
         let repaired = tokio::task::spawn_blocking(move || -> Result<u64, NodeError> {
             let packs = repo.store.packs()?;
@@ -348,21 +388,29 @@ impl Replicator {
             // Most at risk first: the fewest holders, then the newest.
             todo.sort_by_key(|(holders, created, _, _)| (*holders, std::cmp::Reverse(*created)));
             let mut spent = 0u64;
+            let mut repaired = 0u64;
+            let mut failures = 0;
             for (holders, _, id, len) in todo {
-                if spent > 0 && spent.saturating_add(len) > budget {
+                // Failed attempts count against the budget too, and a few failures end the
+                // round's repair: a friend that stalls must not hold up the uploads.
+                if (spent > 0 && spent.saturating_add(len) > budget)
+                    || failures >= MAX_REPAIR_FAILURES
+                {
                     break;
                 }
+                spent += len;
                 match repo.reclaim(&owner.keys, &id) {
                     Ok(()) => {
-                        spent += len;
+                        repaired += len;
                         tracing::info!(pack = %id.short(), holders, "repair: fetched a pack below its replica target back into the outbox");
                     }
                     Err(e) => {
+                        failures += 1;
                         tracing::error!(pack = %id.short(), holders, error = %e.full_message(), "repair: no friend could send a good copy of a pack below its replica target");
                     }
                 }
             }
-            Ok(spent)
+            Ok(repaired)
         })
         .await
         .map_err(|e| NodeError::Control(format!("repair worker failed: {e}")))??;
@@ -590,6 +638,39 @@ impl Replicator {
         self.net.add_addrs(peer, addrs_of(f)).await?;
         let keys = &owner.keys;
         let owner_id = keys.owner_id();
+        // Every round asks each friend which of our packs it dropped as lost or corrupt (its scrub
+        // or an audit found them): they no longer count as held there, and repair sends them
+        // again. A friend that answers `NotFriend` removed us: it leaves the replica set (its
+        // copies count as lost) until it answers again.
+        match peers::owner_request(&self.net, peer, keys, Request::Dropped { owner: owner_id })
+            .await
+        {
+            Ok(Response::Dropped(dropped)) => {
+                let mut forgotten = 0;
+                for id in dropped.iter().take(obnam_protocol::msg::MAX_LIST as usize) {
+                    if store.remove_placement(id, &f.peer_id)? {
+                        forgotten += 1;
+                    }
+                }
+                if forgotten > 0 {
+                    tracing::warn!(%peer, packs = forgotten, "friend reports it dropped our packs as lost or corrupt; repairing");
+                }
+                if store.friend_health(&f.peer_id)?.refused_since_ns != 0 {
+                    tracing::info!(%peer, "friend accepts us again");
+                    store.update_friend_health(&f.peer_id, |h| h.refused_since_ns = 0)?;
+                }
+            }
+            Ok(Response::Error(e)) if e.code == ErrorCode::NotFriend => {
+                let now = crate::repo::now_ns();
+                store.update_friend_health(&f.peer_id, |h| {
+                    if h.refused_since_ns == 0 {
+                        h.refused_since_ns = now;
+                    }
+                })?;
+                return Err(crate::serve::wire_error(&peer, &e));
+            }
+            _ => {}
+        }
         let state = store.peer_state(&f.peer_id)?;
         // While the old key retires, the slot's lookup id is still filed for it at friends; the
         // successor statement moves it.
@@ -618,21 +699,6 @@ impl Replicator {
         if !data {
             return Ok(());
         }
-        // Packs the friend dropped as lost or corrupt (its scrub or an audit found them) no
-        // longer count as held there: repair sends them again.
-        if let Ok(Response::Dropped(dropped)) =
-            peers::owner_request(&self.net, peer, keys, Request::Dropped { owner: owner_id }).await
-        {
-            let mut forgotten = 0;
-            for id in dropped.iter().take(obnam_protocol::msg::MAX_LIST as usize) {
-                if store.remove_placement(id, &f.peer_id)? {
-                    forgotten += 1;
-                }
-            }
-            if forgotten > 0 {
-                tracing::warn!(%peer, packs = forgotten, "friend reports it dropped our packs as lost or corrupt; repairing");
-            }
-        }
         // The head is read before the pack list: a backup committing in between must not send
         // a friend a head whose packs this round did not send.
         let head_at_start = store.own_head()?;
@@ -657,7 +723,8 @@ impl Replicator {
             };
             if let Response::Have(flags) = peers::owner_request(&self.net, peer, keys, req).await? {
                 for (id, held) in batch.iter().zip(flags) {
-                    if held {
+                    // A friend's word counts for nothing on a pack it failed an audit of.
+                    if held && !store.is_suspect(id, &f.peer_id)? {
                         store.add_placement(id, &f.peer_id)?;
                     }
                 }
@@ -708,12 +775,20 @@ impl Replicator {
                     .await?;
             }
             match result {
-                Upload::Stored | Upload::Already => {
+                Upload::Already if store.is_suspect(&id, &f.peer_id)? => {
+                    // It failed an audit of this pack and still says it has it: only a passing
+                    // audit (or storing it anew) makes it count again.
+                    tracing::warn!(%peer, pack = %id.short(), "friend says it holds a pack it failed an audit of; not counting it until an audit passes");
+                    all_held = false;
+                }
+                Upload::Stored => {
+                    store.confirm_placement(&id, &f.peer_id)?;
+                    self.sent.fetch_add(rec.len, Ordering::Relaxed);
+                    store.update_peer_state(&f.peer_id, |s| s.used_by_us += rec.len)?;
+                    self.bump();
+                }
+                Upload::Already => {
                     store.add_placement(&id, &f.peer_id)?;
-                    if matches!(result, Upload::Stored) {
-                        self.sent.fetch_add(rec.len, Ordering::Relaxed);
-                        store.update_peer_state(&f.peer_id, |s| s.used_by_us += rec.len)?;
-                    }
                     self.bump();
                 }
                 Upload::Refused(e) if e.code == ErrorCode::QuotaExceeded => {
@@ -785,6 +860,8 @@ impl Replicator {
         Ok(())
     }
 
+    /// Removes from the outbox the packs that `replicas` members of the replica set hold (a
+    /// friend that left the set, being lost or having removed us, does not count).
     fn evict(&self, friends: &[Friend]) -> Result<(), NodeError> {
         let store = &self.repo.store;
         let replicas = self.repo.config.replicas as usize;

@@ -48,6 +48,9 @@ impl Remote {
     }
 }
 
+/// Warnings about damaged copies kept until a command collects them.
+const MAX_WARNINGS: usize = 1000;
+
 /// Attempts per friend to fetch one pack.
 pub const FETCH_ATTEMPTS: usize = 3;
 
@@ -647,7 +650,9 @@ impl Repo {
                         got.short()
                     );
                     tracing::warn!(%peer, pack = %pack, "{w}");
-                    if let Ok(mut v) = remote.warnings.lock() {
+                    if let Ok(mut v) = remote.warnings.lock()
+                        && v.len() < MAX_WARNINGS
+                    {
                         v.push(w);
                     }
                     errors.push(format!("{peer}: damaged copy"));

@@ -10,13 +10,16 @@
 //!
 //! [`Request::Dropped`]: obnam_protocol::msg::Request::Dropped
 
-use crate::serve::{IO_CHUNK, Server};
+use crate::serve::{FileId, IO_CHUNK, Server, file_identity};
 use obnam_protocol::{OwnerId, PackId};
 use obnam_store::Store;
 use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long a dropped pack stays listed for its owner (30 days).
+const DROPPED_KEPT_NS: i64 = 30 * 86_400 * 1_000_000_000;
 /// Packs listed per database read.
 const PAGE: usize = 256;
 
@@ -94,7 +97,14 @@ pub fn pass(server: &Server, store: &Store, rate: u64) -> Result<Pass, obnam_sto
     let mut pace = Pace::new(rate);
     let mut out = Pass::default();
     let mut buf = vec![0u8; IO_CHUNK];
+    store.expire_dropped(crate::repo::now_ns().saturating_sub(DROPPED_KEPT_NS))?;
     for (owner, _) in store.hosted_owners()? {
+        let dir = server.pack_path(&owner, &PackId([0; 32]));
+        if !dir.parent().is_some_and(Path::is_dir) {
+            // The whole directory is gone (an unmounted disk?): not a reason to drop anything.
+            tracing::warn!(owner = %owner.short(), "scrub: the owner's hosted-pack directory is missing; skipping it");
+            continue;
+        }
         let mut after: Option<PackId> = None;
         loop {
             let page = store.hosted_packs(&owner, after.as_ref(), PAGE)?;
@@ -102,11 +112,12 @@ pub fn pass(server: &Server, store: &Store, rate: u64) -> Result<Pass, obnam_sto
             after = Some(last.0);
             for (pack, len) in page {
                 out.packs += 1;
-                if let Some(why) = check(server, &owner, &pack, len, &mut buf, &mut pace, &mut out)
+                if let Some((judged, why)) =
+                    check(server, &owner, &pack, len, &mut buf, &mut pace, &mut out)
                 {
-                    // Still recorded? A concurrent delete may have taken it already.
-                    if store.has_hosted(&owner, &pack)?.is_some() {
-                        server.drop_pack(&owner, &pack, &why);
+                    // `drop_pack` does nothing if a put replaced the file meanwhile.
+                    server.drop_pack(&owner, &pack, judged, &why);
+                    if store.has_hosted(&owner, &pack)?.is_none() {
                         out.dropped += 1;
                     }
                 }
@@ -116,7 +127,8 @@ pub fn pass(server: &Server, store: &Store, rate: u64) -> Result<Pass, obnam_sto
     Ok(out)
 }
 
-/// Why a hosted pack is bad, or `None` when it hashes to its id.
+/// Why a hosted pack is bad (with the identity of the file judged, `None` when it is missing),
+/// or `None` when it hashes to its id.
 fn check(
     server: &Server,
     owner: &OwnerId,
@@ -125,15 +137,22 @@ fn check(
     buf: &mut [u8],
     pace: &mut Pace,
     out: &mut Pass,
-) -> Option<String> {
+) -> Option<(Option<FileId>, String)> {
     let path = server.pack_path(owner, pack);
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Some("scrub: its file is missing".into());
+            return Some((None, "scrub: its file is missing".into()));
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "scrub: cannot open a hosted pack");
+            return None;
+        }
+    };
+    let judged = match file.metadata() {
+        Ok(m) => Some(file_identity(&m)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "scrub: cannot stat a hosted pack");
             return None;
         }
     };
@@ -151,13 +170,16 @@ fn check(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // An unreadable sector is rot too.
-                return Some(format!("scrub: reading its file failed: {e}"));
+                return Some((judged, format!("scrub: reading its file failed: {e}")));
             }
         }
     }
     if total != len {
-        return Some(format!("scrub: its file has {total} bytes, not {len}"));
+        return Some((
+            judged,
+            format!("scrub: its file has {total} bytes, not {len}"),
+        ));
     }
     let actual = PackId(*hasher.finalize().as_bytes());
-    (actual != *pack).then(|| format!("scrub: it hashes to {actual}"))
+    (actual != *pack).then(|| (judged, format!("scrub: it hashes to {actual}")))
 }

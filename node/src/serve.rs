@@ -96,6 +96,20 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// A file's identity (device, inode, modification time in ns): it changes when a put replaces
+/// the file.
+pub type FileId = (u64, u64, i64);
+
+/// The identity of the file `meta` describes.
+pub fn file_identity(meta: &std::fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
+    )
+}
+
 /// Bytes moved per read or write of a pack body.
 pub const IO_CHUNK: usize = 256 * 1024;
 
@@ -119,6 +133,12 @@ pub struct Server {
     probe_secret: [u8; 32],
     slot_lookups: Mutex<SlotLimiter>,
     audits_running: std::sync::atomic::AtomicUsize,
+    audit_counts: Mutex<(Option<Instant>, HashMap<PeerId, u32>)>,
+    /// Audits one node may ask of us per minute; more are answered `Busy`.
+    pub audits_per_minute: u32,
+    /// Held while a hosted pack's file and record change together (a put's rename and commit,
+    /// a drop), so a drop never removes a copy that a put has just stored.
+    hosted_lock: std::sync::Arc<Mutex<()>>,
     /// How long a pack stream may stay silent (between frames, or in the middle of a body).
     pub stream_idle: Duration,
     on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
@@ -142,6 +162,9 @@ impl Server {
             probe_secret,
             slot_lookups: Mutex::new(SlotLimiter::default()),
             audits_running: std::sync::atomic::AtomicUsize::new(0),
+            audit_counts: Mutex::new((None, HashMap::new())),
+            audits_per_minute: 10,
+            hosted_lock: std::sync::Arc::new(Mutex::new(())),
             stream_idle: Duration::from_secs(60),
             on_connect,
         }
@@ -453,6 +476,9 @@ impl Server {
             Request::Successor(statement) => self.successor(peer, statement),
             Request::Audit { owner, challenge } => self.audit(peer, owner, challenge),
             Request::Dropped { owner } => {
+                // Only a friend asks this in its replication rounds; a node we removed learns
+                // here that we are no longer its friend.
+                self.friend_check(&peer)?;
                 self.read_check(&peer, &owner)?;
                 Ok(Response::Dropped(
                     self.store
@@ -535,14 +561,31 @@ impl Server {
         challenge
             .check(size)
             .map_err(|e| refuse(ErrorCode::Malformed, e.to_string()))?;
+        if !self.allow_audit(peer) {
+            tracing::warn!(%peer, "audits: rate limit reached");
+            return Err(refuse(
+                ErrorCode::Busy,
+                format!(
+                    "more than {} audits in a minute; try again later",
+                    self.audits_per_minute
+                ),
+            ));
+        }
         let Some(_slot) = Slot::take(&self.audits_running, MAX_AUDITS) else {
             return Err(refuse(ErrorCode::Busy, "too many audits in progress"));
         };
         let path = self.pack_path(&owner, &pack);
+        if !self.hosted.join(owner.to_hex()).is_dir() {
+            // The whole directory is gone (an unmounted disk?): not a reason to drop anything.
+            return Err(refuse(
+                ErrorCode::Internal,
+                "the hosted-pack directory is missing here",
+            ));
+        }
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.drop_pack(&owner, &pack, "its file is missing");
+                self.drop_pack(&owner, &pack, None, "its file is missing");
                 return Err(refuse(
                     ErrorCode::NotFound,
                     format!("pack {pack} was lost here (its file is missing) and is dropped"),
@@ -555,14 +598,15 @@ impl Server {
                 ));
             }
         };
-        let on_disk = file
+        let meta = file
             .metadata()
-            .map_err(|e| refuse(ErrorCode::Internal, format!("reading pack {pack}: {e}")))?
-            .len();
+            .map_err(|e| refuse(ErrorCode::Internal, format!("reading pack {pack}: {e}")))?;
+        let (on_disk, identity) = (meta.len(), Some(file_identity(&meta)));
         if on_disk != size {
             self.drop_pack(
                 &owner,
                 &pack,
+                identity,
                 &format!("its file has {on_disk} bytes, not {size}"),
             );
             return Err(refuse(
@@ -577,7 +621,7 @@ impl Server {
                 proof: ByteBuf::from(proof),
             }),
             Err(e @ audit::AuditError::Corrupt { .. }) => {
-                self.drop_pack(&owner, &pack, &e.to_string());
+                self.drop_pack(&owner, &pack, identity, &e.to_string());
                 Err(refuse(
                     ErrorCode::NotFound,
                     format!("pack {pack} was corrupt here and is dropped"),
@@ -587,19 +631,49 @@ impl Server {
         }
     }
 
-    /// Forgets a hosted pack whose copy is lost or corrupt, and removes its file. Its owner
-    /// finds out at its next audit or pack-list check and sends the pack again.
-    pub fn drop_pack(&self, owner: &OwnerId, pack: &PackId, why: &str) {
+    /// Whether `peer` may ask another audit this minute.
+    fn allow_audit(&self, peer: PeerId) -> bool {
+        let Ok(mut counts) = self.audit_counts.lock() else {
+            return false;
+        };
+        let (window, per_peer) = &mut *counts;
+        if window.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+            *window = Some(Instant::now());
+            per_peer.clear();
+        }
+        if per_peer.len() >= MAX_NONCES && !per_peer.contains_key(&peer) {
+            return false;
+        }
+        let n = per_peer.entry(peer).or_insert(0);
+        *n += 1;
+        *n <= self.audits_per_minute
+    }
+
+    /// Forgets a hosted pack whose copy is lost or corrupt, removes its file and lists it for
+    /// its owner, who sends it again. `judged` is the identity of the file found bad (`None`:
+    /// it was missing); if the file changed since (a put stored a good copy), nothing happens.
+    pub fn drop_pack(&self, owner: &OwnerId, pack: &PackId, judged: Option<FileId>, why: &str) {
+        let Ok(_guard) = self.hosted_lock.lock() else {
+            return;
+        };
+        let path = self.pack_path(owner, pack);
+        let now = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| file_identity(&m));
+        if now != judged {
+            tracing::debug!(pack = %pack.short(), "a hosted pack changed while it was judged; not dropping it");
+            return;
+        }
         match self.store.drop_hosted(owner, pack) {
-            Ok(_) => {
+            Ok(Some(_)) => {
                 tracing::warn!(owner = %owner.short(), pack = %pack.short(), why, "dropped a hosted pack; its owner will send it again");
             }
+            Ok(None) => return,
             Err(e) => {
                 tracing::error!(owner = %owner.short(), pack = %pack.short(), error = %e, "could not drop a bad hosted pack");
                 return;
             }
         }
-        let path = self.pack_path(owner, pack);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -911,7 +985,11 @@ impl Server {
         }
         let store = self.store.clone();
         let (owner, pack) = (*owner, *pack);
+        let lock = std::sync::Arc::clone(&self.hosted_lock);
         tokio::task::spawn_blocking(move || -> Result<PutOutcome, WireError> {
+            let _guard = lock
+                .lock()
+                .map_err(|_| refuse(ErrorCode::Internal, "hosted lock poisoned"))?;
             std::fs::rename(&tmp, &final_path)
                 .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
             if let Some(dir) = final_path.parent() {

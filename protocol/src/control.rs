@@ -438,6 +438,23 @@ pub struct SnapshotInfo {
     pub files: u64,
     /// Plaintext bytes.
     pub bytes: u64,
+    /// How well friends hold it.
+    pub health: SnapshotHealth,
+}
+
+/// How well friends hold a snapshot's packs. Counted over every pack written up to the
+/// snapshot's backup (the packs it may reference), so a friend that lacks any of them is not
+/// counted: a conservative figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SnapshotHealth {
+    /// Friends that hold every one of those packs.
+    pub friends_holding_all: u32,
+    /// Sealed bytes of those packs.
+    pub pack_bytes: u64,
+    /// Of them, bytes that only one friend holds.
+    pub single_friend_bytes: u64,
+    /// Of them, bytes that no friend holds (still in the outbox, or lost).
+    pub unheld_bytes: u64,
 }
 
 /// One entry of `ls`.
@@ -523,6 +540,8 @@ pub struct StatusReply {
     pub rotation_pending: Vec<String>,
     /// Each friend's audits and presence.
     pub friend_health: Vec<FriendHealthInfo>,
+    /// How well friends hold the newest snapshot (none before the first).
+    pub latest_snapshot_health: Option<Box<SnapshotHealth>>,
 }
 
 /// Encodes a frame: length prefix and postcard body.

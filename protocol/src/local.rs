@@ -193,7 +193,17 @@ pub struct FriendHealth {
     pub last_seen_ns: i64,
     /// The last [`PRESENCE_DAYS`] days of presence, oldest first.
     pub days: Vec<DayPresence>,
+    /// Since when the friend answers `NotFriend` (it removed us; 0: it accepts us).
+    pub refused_since_ns: i64,
+    /// Audits in a row that a connected friend left unanswered (busy, or the connection
+    /// dropped); [`MAX_UNANSWERED`] of them count as a failed audit.
+    pub unanswered: u32,
 }
+
+/// Unanswered audits in a row that count as a failure.
+pub const MAX_UNANSWERED: u32 = 5;
+/// Longest failure reason kept in a [`FriendHealth`] record.
+pub const MAX_REASON: usize = 300;
 
 impl FriendHealth {
     /// Encodes the record.

@@ -10,6 +10,7 @@
 //! | `placement-0` | pack id →→ peer id bytes (multimap: friends holding our pack) |
 //! | `peer-state-0` | peer id bytes → [`PeerState`] (what we sent that friend) |
 //! | `dropped-0` | owner id ‖ pack id → when (ns): hosted packs dropped as lost or corrupt, until the owner stores them again |
+//! | `suspect-0` | pack id →→ peer id bytes (multimap: friends that failed an audit of our pack; their word that they hold it counts for nothing until an audit of it passes or they store it again) |
 //! | `friend-health-0` | peer id bytes → [`FriendHealth`] (audits and presence of that friend) |
 //!
 //! Quota is counted in logical bytes (pack lengths) and checked in the same write transaction
@@ -32,6 +33,8 @@ pub(crate) const PLACEMENT: MultimapTableDefinition<&[u8; 32], &[u8]> =
     MultimapTableDefinition::new("placement-0");
 pub(crate) const PEER_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peer-state-0");
 pub(crate) const DROPPED: TableDefinition<&[u8; 64], i64> = TableDefinition::new("dropped-0");
+pub(crate) const SUSPECT: MultimapTableDefinition<&[u8; 32], &[u8]> =
+    MultimapTableDefinition::new("suspect-0");
 pub(crate) const FRIEND_HEALTH: TableDefinition<&[u8], &[u8]> =
     TableDefinition::new("friend-health-0");
 /// Retired owner → its successor. Kept after the owner's data is deleted, so that the retired
@@ -468,12 +471,82 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub fn remove_placement(&self, pack: &PackId, peer: &[u8]) -> Result<bool, StoreError> {
+        // Most calls find nothing to remove (a friend's dropped list repeats every round): look
+        // before opening a write transaction.
+        if !self.holders(pack)?.iter().any(|h| h == peer) {
+            return Ok(false);
+        }
         let tx = self.db.begin_write()?;
         let removed = tx
             .open_multimap_table(PLACEMENT)?
             .remove(pack.as_bytes(), peer)?;
         tx.commit()?;
         Ok(removed)
+    }
+
+    /// A failed audit: the friend no longer counts as holding the pack, and its word that it
+    /// holds it (a `Have` answer, an upload answered "already stored") counts for nothing until
+    /// an audit of that pack passes ([`Store::confirm_placement`]) or it stores the pack again.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn suspect_placement(&self, pack: &PackId, peer: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_multimap_table(PLACEMENT)?
+            .remove(pack.as_bytes(), peer)?;
+        tx.open_multimap_table(SUSPECT)?
+            .insert(pack.as_bytes(), peer)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Proof that a friend holds the pack (an audit passed, or it stored the pack now): it
+    /// counts as a holder and is no longer suspect.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn confirm_placement(&self, pack: &PackId, peer: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_multimap_table(PLACEMENT)?
+            .insert(pack.as_bytes(), peer)?;
+        tx.open_multimap_table(SUSPECT)?
+            .remove(pack.as_bytes(), peer)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether a friend failed an audit of the pack and has not proved it since.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn is_suspect(&self, pack: &PackId, peer: &[u8]) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_multimap_table(SUSPECT)?;
+        for v in t.get(pack.as_bytes())? {
+            if v?.value() == peer {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The packs a friend is suspect for (audits retry them).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn suspects_of(&self, peer: &[u8]) -> Result<Vec<PackId>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_multimap_table(SUSPECT)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, vs) = item?;
+            for v in vs {
+                if v?.value() == peer {
+                    out.push(PackId(*k.value()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Drops a hosted pack whose body is gone or corrupt: the record goes and its bytes no
@@ -527,17 +600,30 @@ impl Store {
         Ok(out)
     }
 
-    /// A friend's audit and presence record (empty when none yet).
+    /// Forgets dropped-pack entries older than `before_ns`: an owner that has not stored them
+    /// again in that time has been told often enough.
     ///
     /// # Errors
-    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    /// [`StoreError::Db`].
+    pub fn expire_dropped(&self, before_ns: i64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DROPPED)?.retain(|_, at| at >= before_ns)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A friend's audit and presence record (empty when none yet, or when it does not decode).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
     pub fn friend_health(&self, peer: &[u8]) -> Result<FriendHealth, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(FRIEND_HEALTH)?;
-        match t.get(peer)? {
-            None => Ok(FriendHealth::default()),
-            Some(v) => FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into())),
-        }
+        // Health is advice: a record that does not decode (another version) starts afresh rather
+        // than stop replication.
+        Ok(t.get(peer)?
+            .and_then(|v| FriendHealth::from_bytes(v.value()).ok())
+            .unwrap_or_default())
     }
 
     /// Updates a friend's audit and presence record.
@@ -552,12 +638,10 @@ impl Store {
         let tx = self.db.begin_write()?;
         let health = {
             let mut t = tx.open_table(FRIEND_HEALTH)?;
-            let mut health = match t.get(peer)? {
-                None => FriendHealth::default(),
-                Some(v) => {
-                    FriendHealth::from_bytes(v.value()).map_err(corrupt("friend health".into()))?
-                }
-            };
+            let mut health = t
+                .get(peer)?
+                .and_then(|v| FriendHealth::from_bytes(v.value()).ok())
+                .unwrap_or_default();
             f(&mut health);
             t.insert(peer, health.to_bytes().as_slice())?;
             health
@@ -618,13 +702,22 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn mark_in_outbox(&self, pack: &PackId) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.pack(pack)? {
-            rec.in_outbox = true;
-            let tx = self.db.begin_write()?;
-            tx.open_table(self.own.packs)?
-                .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
-            tx.commit()?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(self.own.packs)?;
+            let rec = match t.get(pack.as_bytes())? {
+                Some(v) => Some(
+                    obnam_protocol::local::PackRecord::from_bytes(v.value())
+                        .map_err(corrupt(format!("pack record {pack}")))?,
+                ),
+                None => None,
+            };
+            if let Some(mut rec) = rec {
+                rec.in_outbox = true;
+                t.insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
+            }
         }
+        tx.commit()?;
         Ok(())
     }
 
@@ -727,6 +820,12 @@ mod tests {
         assert_eq!(store.drop_hosted(&owner, &PackId([2; 32]))?, None);
         assert_eq!(store.dropped_packs(&owner, 10)?, vec![PackId([2; 32])]);
         assert_eq!(store.dropped_packs(&other, 10)?, vec![]);
+        store.expire_dropped(0)?;
+        assert_eq!(
+            store.dropped_packs(&owner, 10)?.len(),
+            1,
+            "recent entries stay"
+        );
         assert_eq!(store.has_hosted(&owner, &PackId([2; 32]))?, None);
         assert_eq!(store.available(&owner)?, Some((100, 60)));
         assert_eq!(store.hosted_owner(&owner)?.map(|o| o.packs), Some(1));
@@ -803,6 +902,14 @@ mod tests {
         assert_eq!((counts[&vec![1u8]], counts[&vec![2u8]]), (2, 1));
         assert!(s.remove_placement(&PackId([5; 32]), &[1])?);
         assert!(!s.remove_placement(&PackId([5; 32]), &[1])?);
+        assert_eq!(s.holders(&PackId([5; 32]))?, vec![vec![2]]);
+        s.suspect_placement(&PackId([5; 32]), &[2])?;
+        assert!(s.holders(&PackId([5; 32]))?.is_empty());
+        assert!(s.is_suspect(&PackId([5; 32]), &[2])?);
+        assert!(!s.is_suspect(&PackId([5; 32]), &[1])?);
+        assert_eq!(s.suspects_of(&[2])?, vec![PackId([5; 32])]);
+        s.confirm_placement(&PackId([5; 32]), &[2])?;
+        assert!(!s.is_suspect(&PackId([5; 32]), &[2])?);
         assert_eq!(s.holders(&PackId([5; 32]))?, vec![vec![2]]);
         assert_eq!(s.friend_health(&[1])?.audits_failed, 0);
         s.update_friend_health(&[1], |h| h.audits_failed += 2)?;

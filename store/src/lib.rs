@@ -162,6 +162,7 @@ impl Store {
             tx.open_table(hosted::PEER_STATE)?;
             tx.open_table(hosted::FRIEND_HEALTH)?;
             tx.open_table(hosted::DROPPED)?;
+            tx.open_multimap_table(hosted::SUSPECT)?;
             let mut meta = tx.open_table(META)?;
             let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
             match schema {
@@ -479,6 +480,8 @@ impl Store {
             tx.open_table(MEMO)?.retain(|_, _| false)?;
             tx.delete_multimap_table(hosted::PLACEMENT)?;
             tx.open_multimap_table(hosted::PLACEMENT)?;
+            tx.delete_multimap_table(hosted::SUSPECT)?;
+            tx.open_multimap_table(hosted::SUSPECT)?;
             let mut states = tx.open_table(hosted::PEER_STATE)?;
             states.retain(|_, _| false)?;
         }
