@@ -52,7 +52,7 @@ pub enum Command {
     Status,
     /// Audit every friend now: each proves that it holds our newest pack, the latest snapshot's
     /// root and two random packs, without sending them (exit 1 if an audit fails).
-    Verify,
+    Verify(VerifyArgs),
     /// Passphrase operations.
     #[command(subcommand)]
     Passphrase(PassphraseCommand),
@@ -65,6 +65,15 @@ pub enum Command {
     /// The local index.
     #[command(subcommand)]
     Index(IndexCommand),
+}
+
+/// `obnam verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Also download PCT percent of the packs (at least one) from every friend that holds them,
+    /// and decrypt and check every chunk.
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub sample: Option<u32>,
 }
 
 /// `obnam index`.

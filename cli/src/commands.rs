@@ -2,7 +2,7 @@
 
 use crate::args::{
     BackupArgs, ChangeArgs, Cli, Command, Global, IndexCommand, InitArgs, KeysCommand, LsArgs,
-    PassphraseArgs, PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs,
+    PassphraseArgs, PassphraseCommand, PeerAddArgs, PeerCommand, RestoreArgs, VerifyArgs,
 };
 use crate::exit;
 use crate::output::{self, Reporter, bytes, print_json, time};
@@ -111,7 +111,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ls(a) => ls(&g, a),
         Command::Restore(a) => restore(&g, a),
         Command::Status => status(&g),
-        Command::Verify => verify(&g),
+        Command::Verify(a) => verify(&g, a),
         Command::Passphrase(PassphraseCommand::Check(a)) => check(&g, a),
         Command::Passphrase(PassphraseCommand::Change(a)) => change(&g, a),
         Command::Keys(KeysCommand::Rotate(a)) => rotate(&g, a),
@@ -633,8 +633,11 @@ fn audits_line(a: &obnam_protocol::control::FriendAudits) -> String {
     )
 }
 
-fn verify(g: &Global) -> Result<u8, Failure> {
-    let r = match call(g, Request::Verify, "auditing friends")? {
+fn verify(g: &Global, a: VerifyArgs) -> Result<u8, Failure> {
+    let req = Request::Verify {
+        sample_percent: a.sample,
+    };
+    let r = match call(g, req, "auditing friends")? {
         Reply::Verified(r) => r,
         r => return Err(unexpected(r)),
     };

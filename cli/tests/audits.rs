@@ -168,6 +168,24 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
         let v = a.json(&["verify"], 0)?;
         Ok(v["failed"] == 0)
     })?;
+    // `verify --sample 100` downloads every pack from both friends and opens every chunk.
+    let v = a.json(&["verify", "--sample", "100"], 0)?;
+    let samples: Vec<_> = v["audits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["kind"] == "sample")
+        .collect();
+    assert_eq!(samples.len(), 2 * count, "{v}");
+    for x in &samples {
+        assert_eq!(x["outcome"], "passed", "{x}");
+        assert!(
+            x["detail"].as_str().unwrap().ends_with("chunks decrypted and checked"),
+            "{x}"
+        );
+    }
+    let bad = a.obnam(&["verify", "--sample", "0"])?;
+    assert_eq!(bad.code, 2, "a sample of 0% is a usage error: {bad:?}");
     let target = dir.path().join("restore");
     let r = a.json(
         &["restore", "latest", "--target", target.to_str().unwrap()],

@@ -41,6 +41,8 @@ pub enum Kind {
     Root,
     /// Any pack the friend holds, at random.
     Random,
+    /// Not an audit: a copy downloaded and checked by `verify --sample` (with its chunk count).
+    Sample(u64),
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::Newest => "newest",
             Kind::Root => "root",
             Kind::Random => "random",
+            Kind::Sample(_) => "sample",
         }
     }
 }
@@ -86,7 +89,7 @@ pub fn pick(
     let want = match kind {
         Kind::Newest => newest,
         Kind::Root => root,
-        Kind::Random => None,
+        Kind::Random | Kind::Sample(_) => None,
     };
     if let Some(want) = want
         && let Some(found) = held.iter().find(|(p, _)| *p == want)
@@ -390,6 +393,193 @@ impl Auditor {
     }
 }
 
+/// One copy checked by `verify --sample`.
+#[derive(Debug, Clone)]
+pub struct SampleCheck {
+    /// The friend that sent the copy.
+    pub friend: Friend,
+    /// The pack.
+    pub pack: PackId,
+    /// Passed, failed (the friend's copy, or the pack itself), or could not be fetched.
+    pub outcome: Outcome,
+    /// Chunks decrypted and checked.
+    pub chunks: u64,
+}
+
+impl Auditor {
+    /// `verify --sample PERCENT`: picks that share of our packs at random (at least one) and
+    /// downloads each from every friend known to hold it, checking each copy: its hash against
+    /// the pack id, its sealed index, and every chunk, decrypted and checked against its id. A
+    /// copy that is missing or does not hash to its id counts as a failed audit of that friend.
+    /// Blocking: call it from a blocking thread.
+    ///
+    /// # Errors
+    /// [`NodeError::NotInitialized`], [`NodeError::Shutdown`] without a network, database and
+    /// I/O errors.
+    pub fn sample(
+        &self,
+        percent: u32,
+        events: &dyn crate::backup::Events,
+    ) -> Result<Vec<SampleCheck>, NodeError> {
+        use obnam_protocol::control::{Event, Progress};
+        let repo = &self.repo;
+        let owner = repo.owner()?;
+        let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
+        let mut packs = repo.store.packs()?;
+        let want = sample_size(packs.len(), percent);
+        // A partial Fisher-Yates shuffle: the first `want` are the sample.
+        for i in 0..want {
+            let j = i + usize::try_from(random_u64() % (packs.len() - i) as u64).unwrap_or(0);
+            packs.swap(i, j);
+        }
+        packs.truncate(want);
+        let friends = repo.store.friends()?;
+        let mut copies = Vec::new();
+        for (id, rec) in &packs {
+            let holders = repo.store.holders(id)?;
+            for f in friends.iter().filter(|f| holders.contains(&f.peer_id)) {
+                copies.push((f.clone(), *id, rec.len));
+            }
+        }
+        let total_bytes: u64 = copies.iter().map(|(_, _, len)| len).sum();
+        let mut tag = [0u8; 8];
+        rand::fill(&mut tag[..]);
+        let dir = repo
+            .paths
+            .data
+            .join("cache")
+            .join(format!("sample-{}", hex::encode(tag)));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NodeError::io(format!("creating {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        let mut done_bytes = 0;
+        for (n, (f, pack, len)) in copies.iter().enumerate() {
+            events.send(Event::Progress(Progress {
+                files: n as u64,
+                bytes: done_bytes,
+                total_files: Some(copies.len() as u64),
+                total_bytes: Some(total_bytes),
+                current: format!("pack {} from {}", pack.short(), f.name),
+            }));
+            let (outcome, chunks) = self.check_copy(remote, &owner.keys, f, pack, &dir);
+            done_bytes += len;
+            let outcome = match outcome {
+                // Only a bad copy is the friend's fault.
+                o @ (Outcome::Failed(_) | Outcome::Unanswered(_)) if chunks == u64::MAX => {
+                    self.record(f, pack, o)?
+                }
+                o => o,
+            };
+            out.push(SampleCheck {
+                friend: f.clone(),
+                pack: *pack,
+                outcome,
+                chunks: if chunks == u64::MAX { 0 } else { chunks },
+            });
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if out.iter().any(|c| matches!(c.outcome, Outcome::Failed(_))) {
+            self.replicator.wake();
+        }
+        Ok(out)
+    }
+
+    /// Fetches one friend's copy of a pack and checks it. The count is `u64::MAX` when the
+    /// friend's copy itself is bad (missing, or not hashing to its id): a failure to record
+    /// against the friend.
+    fn check_copy(
+        &self,
+        remote: &crate::repo::Remote,
+        keys: &crate::keys::Keys,
+        f: &Friend,
+        pack: &PackId,
+        dir: &std::path::Path,
+    ) -> (Outcome, u64) {
+        let Ok(peer) = PeerId::from_bytes(&f.peer_id) else {
+            return (Outcome::Unreachable("bad peer id".into()), 0);
+        };
+        let path = dir.join(format!("{}.pack", pack.to_hex()));
+        let limit = Duration::from_secs(
+            self.repo.config.request_timeout_secs.max(1)
+                + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
+        );
+        let connected = self.net.is_connected(&peer);
+        let fetched = remote.handle.block_on(async {
+            tokio::time::timeout(limit, peers::fetch(&self.net, peer, keys, *pack, &path)).await
+        });
+        let result = match fetched {
+            Ok(Ok(got)) if got == *pack => check_chunks(keys, pack, &path)
+                .map(|n| (Outcome::Passed, n))
+                .unwrap_or_else(|e| {
+                    // The copy is exactly what we sent: the pack itself is damaged.
+                    (
+                        Outcome::Failed(format!(
+                            "the pack itself is damaged (the friend's copy is byte-identical to it): {}",
+                            e.full_message()
+                        )),
+                        0,
+                    )
+                }),
+            Ok(Ok(got)) => (
+                Outcome::Failed(format!("its copy hashes to {}", got.short())),
+                u64::MAX,
+            ),
+            Ok(Err(e)) if e.to_string().contains("refused") => (
+                Outcome::Failed(format!("it could not send the pack: {}", e.full_message())),
+                u64::MAX,
+            ),
+            Ok(Err(e)) if connected => (Outcome::Unanswered(e.full_message()), u64::MAX),
+            Ok(Err(e)) => (Outcome::Unreachable(e.full_message()), 0),
+            Err(_) if connected => (
+                Outcome::Unanswered(format!("the download took longer than {limit:?}")),
+                u64::MAX,
+            ),
+            Err(_) => (Outcome::Unreachable("offline".into()), 0),
+        };
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+}
+
+/// How many of `packs` packs a sample of `percent` checks: at least one when there are any.
+pub fn sample_size(packs: usize, percent: u32) -> usize {
+    let p = u64::from(percent.min(100));
+    let n = (packs as u64 * p).div_ceil(100);
+    usize::try_from(n)
+        .unwrap_or(packs)
+        .clamp(packs.min(1), packs)
+}
+
+/// Opens every chunk of a downloaded pack; returns how many.
+fn check_chunks(
+    keys: &crate::keys::Keys,
+    pack: &PackId,
+    path: &std::path::Path,
+) -> Result<u64, NodeError> {
+    use std::os::unix::fs::FileExt;
+    let ctx = || format!("reading downloaded pack {pack}");
+    let file = std::fs::File::open(path).map_err(|e| NodeError::io(ctx(), e))?;
+    let len = file.metadata().map_err(|e| NodeError::io(ctx(), e))?.len();
+    let read = |off: u64, n: usize| {
+        let mut buf = vec![0u8; n];
+        file.read_exact_at(&mut buf, off)
+            .map_err(|e| NodeError::io(ctx(), e))?;
+        Ok(buf)
+    };
+    let index = crate::pack::read_index(keys, pack, len, read)?;
+    let mut n = 0;
+    for e in &index.entries {
+        let sealed = read(u64::from(e.offset), e.len as usize)?;
+        crate::seal::open_chunk(keys, &e.chunk, &sealed).map_err(|err| {
+            NodeError::Authentication {
+                what: format!("chunk {} in pack {pack}: {err}", e.chunk),
+            }
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// How well `friends` (peer id bytes: those whose copies count) hold each snapshot, oldest
 /// first (see
 /// [`SnapshotHealth`](obnam_protocol::control::SnapshotHealth)). A snapshot's packs are taken to
@@ -500,6 +690,17 @@ mod tests {
     use super::*;
     use obnam_protocol::msg::WireError;
     use serde_bytes::ByteBuf;
+
+    #[test]
+    fn samples_take_at_least_one_pack_and_never_more_than_all() {
+        assert_eq!(sample_size(0, 10), 0);
+        assert_eq!(sample_size(5, 0), 1);
+        assert_eq!(sample_size(5, 1), 1);
+        assert_eq!(sample_size(200, 5), 10);
+        assert_eq!(sample_size(201, 5), 11);
+        assert_eq!(sample_size(7, 100), 7);
+        assert_eq!(sample_size(7, 500), 7);
+    }
 
     #[test]
     fn every_days_audits_include_the_newest_pack_and_the_root() {

@@ -293,15 +293,29 @@ async fn dispatch(
             .await
             .inspect(|_| daemon.replicator.wake())
         }
-        Request::Verify => {
+        Request::Verify { sample_percent } => {
             blocking(move || repo.owner().map(|_| ())).await?;
             use crate::audit::{Kind, Outcome};
             let done = daemon
                 .auditor
                 .round(Some(&[Kind::Newest, Kind::Root, Kind::Random, Kind::Random]))
                 .await;
+            let sampled = match sample_percent {
+                Some(p) => {
+                    let auditor = Arc::clone(&daemon.auditor);
+                    let events = ChanEvents(tx.clone());
+                    blocking(move || auditor.sample(p, &events)).await?
+                }
+                None => Vec::new(),
+            };
             let mut report = obnam_protocol::control::VerifyReport::default();
-            for a in done {
+            let samples = sampled.into_iter().map(|c| crate::audit::Audited {
+                friend: c.friend,
+                pack: Some(c.pack),
+                kind: Kind::Sample(c.chunks),
+                outcome: c.outcome,
+            });
+            for a in done.into_iter().chain(samples) {
                 let (outcome, detail) = match a.outcome {
                     Outcome::Passed => {
                         report.passed += 1;
@@ -322,7 +336,10 @@ async fn dispatch(
                     pack: a.pack.map(|p| p.to_hex()),
                     kind: a.kind.name().into(),
                     outcome: outcome.into(),
-                    detail,
+                    detail: match (a.kind, detail) {
+                        (Kind::Sample(n), None) => Some(format!("{n} chunks decrypted and checked")),
+                        (_, d) => d,
+                    },
                 });
             }
             Ok(Reply::Verified(report))

@@ -71,7 +71,11 @@ pub enum Request {
         passphrase: String,
     },
     /// `obnam verify`: audit every friend now.
-    Verify,
+    Verify {
+        /// Also download this percentage of our packs (1-100) from every friend that holds
+        /// them, and decrypt and check them.
+        sample_percent: Option<u32>,
+    },
 }
 
 /// The result of a recovery or an index rebuild.
@@ -342,7 +346,7 @@ pub struct AuditInfo {
     pub name: String,
     /// The challenged pack.
     pub pack: Option<String>,
-    /// Why this pack: `newest`, `root` or `random`.
+    /// Why this pack: `newest`, `root` or `random` for audits; `sample` for a downloaded copy.
     pub kind: String,
     /// `passed`, `failed` or `unreachable` (not counted: the friend is offline or busy).
     pub outcome: String,
