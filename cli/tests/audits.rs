@@ -180,7 +180,10 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
     for x in &samples {
         assert_eq!(x["outcome"], "passed", "{x}");
         assert!(
-            x["detail"].as_str().unwrap().ends_with("chunks decrypted and checked"),
+            x["detail"]
+                .as_str()
+                .unwrap()
+                .ends_with("chunks decrypted and checked"),
             "{x}"
         );
     }

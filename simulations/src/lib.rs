@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bench;
+pub mod crash;
 pub mod durability;
 
 use anyhow::{Context, Result, anyhow, bail};
