@@ -5,6 +5,7 @@ mod util;
 
 mod audits;
 mod errors;
+mod faults;
 mod friends;
 mod one_node;
 mod recovery;

@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub scrub_interval_secs: u64,
     /// Storage role: audits one node may ask of this node per minute (each re-reads a pack).
     pub audit_answers_per_minute: u32,
+    /// Learn friends' other addresses from what they announce (identify). Off: dial friends only
+    /// at the addresses given to `peer add` (a tunnel or a fixed port forward; the fault tests).
+    pub learn_addresses: bool,
 }
 
 impl Default for NodeConfig {
@@ -89,6 +92,7 @@ impl Default for NodeConfig {
             scrub_bytes_per_sec: 2 * 1024 * 1024,
             scrub_interval_secs: 3600,
             audit_answers_per_minute: 10,
+            learn_addresses: true,
         }
     }
 }

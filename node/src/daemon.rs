@@ -206,6 +206,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         mdns: config.mdns,
         upnp: config.upnp,
+        learn_addresses: config.learn_addresses,
     };
     let (net, net_task) = net::start(key, net_config, server).await?;
     let _ = repo.remote.set(crate::repo::Remote::new(

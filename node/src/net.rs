@@ -262,6 +262,8 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Enable UPnP port mapping on the router.
     pub upnp: bool,
+    /// Learn peers' addresses from identify.
+    pub learn_addresses: bool,
 }
 
 /// Starts the swarm and listens. Returns once every address is bound.
@@ -276,6 +278,7 @@ pub async fn start(
     let peer_id = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
     let upnp_on = cfg.upnp;
+    let learn_addresses = cfg.learn_addresses;
     let request_timeout = cfg.request_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -298,10 +301,11 @@ pub async fn start(
                         .with_max_established_incoming(Some(MAX_CONNECTIONS))
                         .with_max_established_per_peer(Some(2)),
                 ),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/obnam/id/1".into(),
-                    key.public(),
-                )),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/obnam/id/1".into(), key.public())
+                        // Off, identify neither caches nor offers peers' announced addresses.
+                        .with_cache_size(if learn_addresses { 100 } else { 0 }),
+                ),
                 ping: ping::Behaviour::default(),
                 rr: request_response::Behaviour::with_codec(
                     ExchangeCodec,
@@ -394,6 +398,7 @@ pub async fn start(
         addrs,
         connected,
         strangers: HashSet::new(),
+        learn_addresses,
     };
     Ok((net, tokio::spawn(ev.run())))
 }
@@ -413,6 +418,7 @@ pub struct EventLoop {
     connected: Arc<Mutex<HashSet<PeerId>>>,
     /// Inbound connections from strangers, at most [`MAX_STRANGER_CONNECTIONS`].
     strangers: HashSet<libp2p::swarm::ConnectionId>,
+    learn_addresses: bool,
 }
 
 impl EventLoop {
@@ -516,7 +522,7 @@ impl EventLoop {
                 ..
             })) => {
                 // Learn where a peer listens, so we can reach it again after it restarts.
-                if self.server.is_friend(&peer_id) {
+                if self.learn_addresses && self.server.is_friend(&peer_id) {
                     for a in info.listen_addrs {
                         self.swarm.add_peer_address(peer_id, a);
                     }

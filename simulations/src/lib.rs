@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod crash;
 pub mod durability;
+pub mod proxy;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
