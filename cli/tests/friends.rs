@@ -286,6 +286,9 @@ fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
         "a stored pack is a no-op without a body: {answers:?}"
     );
     assert_eq!(answers["garbage_head"], "Malformed", "{answers:?}");
+    assert_eq!(answers["audit_bad_range"], "Malformed", "{answers:?}");
+    assert_eq!(answers["audit_unknown_pack"], "NotFound", "{answers:?}");
+    assert_eq!(answers["audit_real"], "verified", "{answers:?}");
     assert!(b.log().contains("bad request"), "B logs the bad input");
     // B still serves its real friend.
     a.init("alice")?;

@@ -300,6 +300,45 @@ pub fn rogue_attack(seed: u8, target: &str) -> Result<Vec<(String, String)>, Nod
             "same_put_again".into(),
             packs_raw(&mut control, peer, &again).await,
         ));
+        // Audits: a range outside the pack, a pack it does not hold, and a real one (the proof
+        // must verify against the pack id).
+        let challenge = |pack, offset, len| obnam_protocol::audit::Challenge {
+            pack,
+            offset,
+            len,
+            nonce: [4; 32],
+        };
+        let bad_range = msg::frame(&Request::Audit {
+            owner,
+            challenge: challenge(good_id, 900, 500),
+        });
+        out.push((
+            "audit_bad_range".into(),
+            exchange_raw(&mut control, peer, &bad_range).await,
+        ));
+        let unknown = msg::frame(&Request::Audit {
+            owner,
+            challenge: challenge(PackId([3; 32]), 0, 1024),
+        });
+        out.push((
+            "audit_unknown_pack".into(),
+            exchange_raw(&mut control, peer, &unknown).await,
+        ));
+        let real = challenge(good_id, 0, body.len() as u32);
+        let audit = msg::frame(&Request::Audit {
+            owner,
+            challenge: real,
+        });
+        let verdict = match exchange_decoded(&mut control, peer, &audit).await {
+            Some(Response::Proof { nonce, proof }) if nonce == real.nonce => {
+                match obnam_protocol::audit::verify(&real, body.len() as u64, &proof) {
+                    Ok(bytes) if bytes == body => "verified".to_owned(),
+                    other => format!("bad proof: {other:?}"),
+                }
+            }
+            other => format!("{other:?}"),
+        };
+        out.push(("audit_real".into(), verdict));
         let garbage_head = msg::frame(&Request::PutHead {
             owner,
             head: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
