@@ -8,9 +8,9 @@ use std::time::Duration;
 
 const BASE: &str =
     "replication_interval_secs = 1\nrequest_timeout_secs = 20\npresence_interval_secs = 1\n";
-/// Scheduled audits every second, with a short deadline.
+/// Scheduled audits every 5 seconds, with a short deadline.
 const AUDITS: &str =
-    "audits_per_day = 86400\naudit_deadline_secs = 10\naudit_answers_per_minute = 1000\n";
+    "audits_per_day = 17280\naudit_deadline_secs = 10\naudit_answers_per_minute = 1000\n";
 
 fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
     let mut n = Node::new(&bins(), name, &dir.join(name), &format!("{BASE}{extra}"))?;
@@ -108,32 +108,31 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
         },
     )?;
 
-    // Behind their backs: one byte flips in one pack at C, and B loses every other pack file
-    // (so each pack still has one good copy somewhere).
-    let rotten = hosted_packs(&c);
-    let rotten_name = rotten[0].file_name().unwrap().to_owned();
-    for p in hosted_packs(&b) {
-        if p.file_name().unwrap() != rotten_name {
-            std::fs::remove_file(p)?;
-        }
+    // Behind their backs: B loses 1% of its packs (at least one) and one byte flips in another
+    // pack at C, so each pack still has one good copy somewhere.
+    let at_b = hosted_packs(&b);
+    let lost = at_b.len().div_ceil(100);
+    for p in &at_b[..lost] {
+        std::fs::remove_file(p)?;
     }
-    let mut bytes = std::fs::read(&rotten[0])?;
+    let rotten = hosted_packs(&c)[lost].clone();
+    let mut bytes = std::fs::read(&rotten)?;
     let mid = bytes.len() / 3;
     bytes[mid] ^= 0x01;
-    std::fs::write(&rotten[0], bytes)?;
+    std::fs::write(&rotten, bytes)?;
 
-    // `verify` names the failures (exit 1) ...
-    let run = a.obnam(&["verify", "--json"])?;
-    assert_eq!(run.code, 1, "{run:?}");
-    let v = run.json()?;
-    assert!(v["failed"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["error"]["kind"], "audit_failed", "{v}");
-    // ... the scheduled audits find the rest, both friends' failures show in `status`, and
-    // repair sends every lost or rotten pack again, from the friend that still has it.
+    // `verify` (four audits of each friend) and the scheduled audits find both faults; a
+    // `verify` that meets one exits 1 and names it; repair sends every lost or rotten pack again,
+    // from the friend that still has it.
+    let mut verify_failed = None;
     let waited = wait_until(
         "both faults found and repaired",
         Duration::from_secs(120),
         || {
+            let run = a.obnam(&["verify", "--json"])?;
+            if run.code == 1 && verify_failed.is_none() {
+                verify_failed = Some(run.json()?);
+            }
             let hb = health(&a, "b")?;
             let hc = health(&a, "c")?;
             Ok(hb["audits"]["failed"].as_u64().unwrap_or(0) >= 1
@@ -144,15 +143,17 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
     );
     if let Err(e) = waited {
         anyhow::bail!(
-            "{e}\nb: {} of {count} packs good? {}; c good? {}\nstatus {}\nA's log:\n{}\nB's log:\n{}",
+            "{e}\nb: {} of {count} packs good? {}; c good? {}\nstatus {}\nA's log:\n{}",
             hosted_packs(&b).len(),
             all_good(&b, count),
             all_good(&c, count),
             a.status()?,
             a.log(),
-            b.log()
         );
     }
+    let v = verify_failed.ok_or_else(|| anyhow::anyhow!("no verify run met a fault"))?;
+    assert!(v["failed"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["error"]["kind"], "audit_failed", "{v}");
     let hc = health(&a, "c")?;
     assert!(hc["audits"]["last_failure"].is_string(), "{hc}");
     assert!(a.log().contains("AUDIT FAILED"), "a failed audit is logged");
@@ -285,5 +286,55 @@ fn a_friend_that_removes_us_is_replaced_and_its_copies_are_made_elsewhere() -> T
     if let Err(e) = waited {
         anyhow::bail!("{e}: {}\n{}", a.status()?, a.log());
     }
+    Ok(())
+}
+
+#[test]
+fn a_friend_unseen_for_lost_after_is_replaced_and_counts_again_when_back() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let off = "audits_per_day = 0\n";
+    let a = node(
+        dir.path(),
+        "a",
+        &format!("replicas = 2\nlost_after_secs = 3\n{off}"),
+    )?;
+    let mut b = node(dir.path(), "b", off)?;
+    let c = node(dir.path(), "c", off)?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("big.bin"), noise(10 << 20, 14))?;
+    a.backup(&[&src], &[], 0)?;
+    let count = hosted_packs(&b).len();
+    let d = node(dir.path(), "d", off)?;
+    befriend_all(&[&a, &d])?;
+    // B goes away. After lost_after_secs its copies no longer count: D takes its place.
+    b.stop();
+    wait_until("D holds every pack", Duration::from_secs(60), || {
+        Ok(all_good(&d, count))
+    })?;
+    wait_until(
+        "two friends hold everything",
+        Duration::from_secs(30),
+        || {
+            let s = a.status()?;
+            Ok(s["replicated_to"] == 2 && s["outbox_packs"] == 0)
+        },
+    )?;
+    // B comes back: it is audited, and its copies count again.
+    b.start()?;
+    wait_until("B counts again", Duration::from_secs(60), || {
+        Ok(a.status()?["replicated_to"] == 3)
+    })?;
+    let v = a.json(&["verify"], 0)?;
+    assert!(
+        v["audits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "b" && x["outcome"] == "passed"),
+        "{v}"
+    );
     Ok(())
 }
