@@ -123,3 +123,80 @@ fn backup_and_restore_complete_through_a_flaky_network() -> TestResult {
     a.stop();
     Ok(())
 }
+
+#[test]
+fn a_friend_that_stays_connected_and_silent_fails_its_audits() -> TestResult {
+    let dir = crate::util::tempdir("obnam-faults-")?;
+    let cfg = format!("{CONFIG}audit_deadline_secs = 2\n");
+    let mut a = Node::new(
+        &bins(),
+        "a",
+        &dir.path().join("a"),
+        &format!("replicas = 1\n{cfg}"),
+    )?;
+    let mut b = Node::new(&bins(), "b", &dir.path().join("b"), &cfg)?;
+    a.start()?;
+    b.start()?;
+    // No scheduled faults: the test holds the traffic itself.
+    let calm = FaultPlan {
+        seed: 1,
+        every: Duration::from_secs(3600)..Duration::from_secs(3601),
+        stall: Duration::from_millis(1)..Duration::from_millis(2),
+        max_faults: 0,
+    };
+    let to_b = FaultyProxy::start(socket_addr(&b)?, calm.clone())?;
+    let to_a = FaultyProxy::start(socket_addr(&a)?, calm)?;
+    a.json(
+        &[
+            "peer",
+            "add",
+            &b.peer_id,
+            "--addr",
+            &to_b.multiaddr(),
+            "--name",
+            "b",
+        ],
+        0,
+    )?;
+    b.json(
+        &[
+            "peer",
+            "add",
+            &a.peer_id,
+            "--addr",
+            &to_a.multiaddr(),
+            "--name",
+            "a",
+        ],
+        0,
+    )?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("f.bin"), noise(3 << 20, 30))?;
+    a.backup(&[&src], &[], 0)?;
+    assert_eq!(a.json(&["verify"], 0)?["failed"], 0);
+    // B stays connected but answers nothing: past audit_deadline_secs, that is a failure.
+    to_b.hold(true);
+    to_a.hold(true);
+    let run = a.obnam(&["verify", "--json"])?;
+    to_b.hold(false);
+    to_a.hold(false);
+    assert_eq!(run.code, 1, "{run:?}");
+    let v = run.json()?;
+    assert!(
+        v["audits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["outcome"] == "failed"
+                && x["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("no answer in time")),
+        "{v}"
+    );
+    b.stop();
+    a.stop();
+    Ok(())
+}

@@ -58,6 +58,8 @@ impl ProxyStats {
 
 #[derive(Default)]
 struct Counters {
+    /// Set by [`FaultyProxy::hold`]: nothing moves on any connection.
+    held: AtomicBool,
     connections: AtomicU64,
     resets: AtomicU64,
     drops: AtomicU64,
@@ -96,6 +98,11 @@ impl FaultyProxy {
     /// The libp2p address of the proxy.
     pub fn multiaddr(&self) -> String {
         format!("/ip4/{}/tcp/{}", self.addr.ip(), self.addr.port())
+    }
+
+    /// Holds every byte (a friend that stays connected and says nothing) until released.
+    pub fn hold(&self, on: bool) {
+        self.counters.held.store(on, Ordering::Relaxed);
     }
 
     /// What it did so far.
@@ -156,7 +163,7 @@ fn pump(
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = vec![0u8; 64 * 1024];
     while !closed.load(Ordering::Relaxed) {
-        if paused.load(Ordering::Relaxed) {
+        if paused.load(Ordering::Relaxed) || counters.held.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
