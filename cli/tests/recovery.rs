@@ -86,6 +86,10 @@ fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult
         0,
     )?;
     compare_trees(&src, &restored(&target, &src), &[])?;
+    // Audits work with no local copy of anything: only pack ids and lengths from the friend.
+    let v = a2.json(&["verify"], 0)?;
+    assert!(v["passed"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
 
     // 4. Backing up the same tree again sends almost nothing.
     let again = a2.backup(&[&src], &["--timeout", "3s"], 4)?; // B is still away: pending
