@@ -10,9 +10,11 @@
 //! the durability model ([`durability`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod availability;
 pub mod bench;
 pub mod crash;
 pub mod durability;
+pub mod plot;
 pub mod proxy;
 
 use anyhow::{Context, Result, anyhow, bail};

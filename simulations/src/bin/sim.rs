@@ -1,18 +1,23 @@
 //! `sim`: the durability model behind obnam's defaults (issue: simulations). Each scenario is
-//! deterministic and prints a table, or JSON with `--json`.
+//! deterministic, prints a table (or JSON with `--json`) and writes a PNG plot under
+//! `simulations/results/` (or `--out DIR`).
 //!
 //! ```text
 //! sim durability --k K --n N --monthly-loss P [--json]   S1, the analytic check
+//! sim availability [--share-on S] [--a-on A] [--json]     S2, restore availability
 //! sim all [--json]                                       every scenario, at a reduced size
 //! ```
 //!
-//! Implemented so far: S1 ([`obnam_simulations::durability`]). The availability, churn and
-//! placement scenarios (S2-S7) are not written yet.
+//! Implemented so far: S1 ([`obnam_simulations::durability`]) and S2
+//! ([`obnam_simulations::availability`]). The churn simulator and S3-S7 are not written yet.
 
 use anyhow::{Result, bail};
+use obnam_simulations::availability::{self, Scheme};
 use obnam_simulations::bench::{Flags, main_with};
 use obnam_simulations::durability::durability;
+use obnam_simulations::plot::{Figure, Series, write_png};
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
 
 /// The examples the Storj v3 whitepaper (§3.4) gives for a monthly loss of 10%.
 const PUBLISHED: [(u32, u32, f64); 3] = [
@@ -22,18 +27,28 @@ const PUBLISHED: [(u32, u32, f64); 3] = [
 ];
 
 fn usage() -> &'static str {
-    "usage: sim durability --k K --n N --monthly-loss P [--json]\n\
-     \x20      sim all [--json]"
+    "usage: sim durability --k K --n N --monthly-loss P [--json] [--out DIR]\n\
+     \x20      sim availability [--share-on S] [--a-on A] [--json] [--out DIR]\n\
+     \x20      sim all [--json] [--out DIR]"
 }
 
 enum Scenario {
     Durability { k: u32, n: u32, loss: f64 },
+    Availability,
     All,
 }
 
 struct Options {
     scenario: Scenario,
     json: bool,
+    out: PathBuf,
+    share_on: f64,
+    a_on: f64,
+}
+
+/// Where plots go by default: `simulations/results/` of this source tree.
+fn default_out() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -42,8 +57,12 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut flags = Flags::new(rest);
     let (mut k, mut n, mut loss, mut json) = (None, None, None, false);
+    let (mut out, mut share_on, mut a_on) = (default_out(), 0.3, 0.99);
     while let Some(f) = flags.next_flag() {
         match f {
+            "--out" => out = PathBuf::from(flags.parsed::<String>(f)?),
+            "--share-on" => share_on = flags.parsed::<f64>(f)?,
+            "--a-on" => a_on = flags.parsed::<f64>(f)?,
             "--k" => k = Some(flags.parsed::<u32>(f)?),
             "--n" => n = Some(flags.parsed::<u32>(f)?),
             "--monthly-loss" => loss = Some(flags.parsed::<f64>(f)?),
@@ -59,15 +78,27 @@ fn parse(args: &[String]) -> Result<Options> {
             };
             Scenario::Durability { k, n, loss }
         }
+        "availability" => Scenario::Availability,
         "all" => {
             if k.is_some() || n.is_some() || loss.is_some() {
-                bail!("all takes only --json\n{}", usage());
+                bail!("all takes only --json and --out\n{}", usage());
             }
             Scenario::All
         }
         other => bail!("unknown scenario {other:?}\n{}", usage()),
     };
-    Ok(Options { scenario, json })
+    for (name, p) in [("--share-on", share_on), ("--a-on", a_on)] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} must be a probability between 0 and 1, got {p}");
+        }
+    }
+    Ok(Options {
+        scenario,
+        json,
+        out,
+        share_on,
+        a_on,
+    })
 }
 
 /// One row of the S1 table.
@@ -114,6 +145,176 @@ fn table(title: &str, rows: &[Value]) -> String {
     out
 }
 
+/// "Nines" of a probability: −log10(1 − p), capped at 8 (0.999 is 3).
+fn nines(p: f64) -> f64 {
+    (-(1.0 - p).max(1e-8).log10()).clamp(0.0, 8.0)
+}
+
+/// The availabilities S2 reports: 0.10 to 0.99 in steps of 0.01.
+fn grid() -> Vec<f64> {
+    (10..=99).map(|i| f64::from(i) / 100.0).collect()
+}
+
+/// S1's plot: nines of monthly durability against the monthly loss, for a few schemes.
+fn s1_plot(out: &Path) -> Result<PathBuf> {
+    let losses: Vec<f64> = (1..=50).map(|i| f64::from(i) / 100.0).collect();
+    let mut series = Vec::new();
+    for (k, n) in [(1, 2), (1, 3), (2, 4), (4, 8), (8, 16)] {
+        let mut points = Vec::new();
+        for p in &losses {
+            points.push((*p, nines(durability(k, n, *p)?)));
+        }
+        series.push(Series {
+            name: Scheme { k, n }.name(),
+            points,
+        });
+    }
+    let path = out.join("s1-durability.png");
+    write_png(
+        &path,
+        &Figure {
+            title: "S1: monthly durability (Storj v3 model)".into(),
+            x_label: "monthly loss per piece".into(),
+            y_label: "nines of durability".into(),
+            x: 0.0..0.5,
+            y: 0.0..8.0,
+            series,
+        },
+    )?;
+    Ok(path)
+}
+
+/// S2: the table, the JSON and the two plots.
+fn s2(o: &Options) -> Result<Value> {
+    let schemes = availability::schemes();
+    let mut rows = Vec::new();
+    let mut indep_series = Vec::new();
+    let mut p10_series = Vec::new();
+    for s in &schemes {
+        let mut indep = Vec::new();
+        let mut two = Vec::new();
+        for a in grid() {
+            let t = availability::two_class(*s, o.share_on, o.a_on, a);
+            indep.push((a, availability::independent(*s, a)));
+            two.push((a, t.mean, t.p10));
+        }
+        indep_series.push(Series {
+            name: format!("{} (×{})", s.name(), trim(s.expansion())),
+            points: indep.iter().map(|(a, p)| (*a, nines(*p))).collect(),
+        });
+        p10_series.push(Series {
+            name: format!("{} (×{})", s.name(), trim(s.expansion())),
+            points: two.iter().map(|(a, _, p10)| (*a, nines(*p10))).collect(),
+        });
+        rows.push(json!({
+            "scheme": s.name(),
+            "k": s.k,
+            "n": s.n,
+            "expansion": s.expansion(),
+            "independent": indep.iter().map(|(a, p)| json!([a, p])).collect::<Vec<_>>(),
+            "two_class_mean": two.iter().map(|(a, m, _)| json!([a, m])).collect::<Vec<_>>(),
+            "two_class_p10": two.iter().map(|(a, _, p)| json!([a, p])).collect::<Vec<_>>(),
+        }));
+    }
+    let p1 = o.out.join("s2-availability.png");
+    write_png(
+        &p1,
+        &Figure {
+            title: "S2: P(restore now), friends online independently".into(),
+            x_label: "availability of each friend".into(),
+            y_label: "nines of P(restore possible)".into(),
+            x: 0.1..1.0,
+            y: 0.0..8.0,
+            series: indep_series,
+        },
+    )?;
+    let p2 = o.out.join("s2-two-class.png");
+    write_png(
+        &p2,
+        &Figure {
+            title: format!(
+                "S2: worst decile of owners, {}% always-on friends (online {})",
+                trim(o.share_on * 100.0),
+                o.a_on
+            ),
+            x_label: "availability of each laptop".into(),
+            y_label: "nines of P(restore possible)".into(),
+            x: 0.1..1.0,
+            y: 0.0..8.0,
+            series: p10_series,
+        },
+    )?;
+    Ok(json!({
+        "share_on": o.share_on,
+        "a_on": o.a_on,
+        "schemes": rows,
+        "plots": [p1.display().to_string(), p2.display().to_string()],
+    }))
+}
+
+/// S2's table at a few availabilities.
+fn s2_table(v: &Value) -> String {
+    let cols = [0.1, 0.3, 0.5, 0.7, 0.9, 0.99];
+    let at = |series: &Value, a: f64| {
+        series
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|p| (p[0].as_f64().unwrap_or(-1.0) - a).abs() < 1e-9)
+            })
+            .and_then(|p| p[1].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let header = |title: &str| {
+        let mut t = format!("{title}\n\n| scheme | ×stored |");
+        for a in cols {
+            t.push_str(&format!(" a = {a} |"));
+        }
+        t.push_str("\n|---|---|");
+        for _ in cols {
+            t.push_str("---|");
+        }
+        t.push('\n');
+        t
+    };
+    let mut out = String::new();
+    for (key, title) in [
+        (
+            "independent",
+            "S2: P(restore possible now), friends online independently with probability a"
+                .to_owned(),
+        ),
+        (
+            "two_class_mean",
+            format!(
+                "S2: two classes ({}% always-on, online {}; laptops online a): mean over owners",
+                trim(v["share_on"].as_f64().unwrap_or(0.0) * 100.0),
+                v["a_on"]
+            ),
+        ),
+        (
+            "two_class_p10",
+            "S2: two classes: the worst decile of owners (those with the fewest always-on friends)"
+                .to_owned(),
+        ),
+    ] {
+        out.push_str(&header(&title));
+        for r in v["schemes"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "| {} | {} |",
+                r["scheme"].as_str().unwrap_or("?"),
+                trim(r["expansion"].as_f64().unwrap_or(f64::NAN))
+            ));
+            for a in cols {
+                out.push_str(&format!(" {:.6} |", at(&r[key], a)));
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn run(o: Options) -> Result<()> {
     match o.scenario {
         Scenario::Durability { k, n, loss } => {
@@ -123,8 +324,19 @@ fn run(o: Options) -> Result<()> {
             } else {
                 print!("{}", table("S1: monthly durability (Storj v3 §3.4)", &[r]));
             }
+            s1_plot(&o.out)?;
+        }
+        Scenario::Availability => {
+            let v = s2(&o)?;
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s2_table(&v));
+            }
         }
         Scenario::All => {
+            let s2v = s2(&o)?;
+            let s1_png = s1_plot(&o.out)?;
             // S1 over the whitepaper's examples and replicas 1 to 5, at 10% monthly loss.
             let mut rows = Vec::new();
             for (k, n) in [
@@ -142,13 +354,20 @@ fn run(o: Options) -> Result<()> {
             if o.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({ "durability": rows }))?
+                    serde_json::to_string_pretty(&json!({
+                        "durability": rows,
+                        "durability_plot": s1_png.display().to_string(),
+                        "availability": s2v,
+                    }))?
                 );
             } else {
                 print!(
                     "{}",
                     table("S1: monthly durability at 10% monthly loss", &rows)
                 );
+                println!();
+                print!("{}", s2_table(&s2v));
+                println!("plots: {}", o.out.display());
             }
         }
     }
