@@ -193,6 +193,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     );
     server.stream_idle = Duration::from_secs(config.stream_idle_secs.max(1));
     server.audits_per_minute = config.audit_answers_per_minute;
+    server.remove_partial_bodies();
     let server = Arc::new(server);
     crate::scrub::start(
         Arc::clone(&server),

@@ -178,6 +178,35 @@ impl Server {
         }
     }
 
+    /// Removes the temporary bodies of puts that a crash interrupted (`hosted/<owner>/*.tmp`):
+    /// nothing refers to them. Call before serving. Returns how many were removed.
+    pub fn remove_partial_bodies(&self) -> usize {
+        let mut removed = 0;
+        for owner in std::fs::read_dir(&self.hosted)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for f in std::fs::read_dir(owner.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = f.path();
+                if p.extension().is_some_and(|x| x == "tmp") && std::fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed partly received pack bodies left by a crash"
+            );
+        }
+        removed
+    }
+
     /// Where a hosted pack's body is.
     pub fn pack_path(&self, owner: &OwnerId, pack: &PackId) -> PathBuf {
         self.hosted

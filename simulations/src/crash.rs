@@ -3,16 +3,16 @@
 //!
 //! **Owner points** ([`owner_crashes`]): node A backs up to friend B (`replicas = 1`). Before each
 //! point the source tree changes (a new 12 MiB file replaces the oldest, small files change), A
-//! starts `obnam backup`, and after a seeded delay, drawn from zero to a
-//! measured backup's duration, A gets SIGKILL. A restarts. Then every snapshot A lists must
-//! restore byte-identical to the source as it was when that snapshot's backup ran (the harness
-//! keeps a copy per backup), and the next backup must complete.
+//! starts `obnam backup`, and after a seeded delay, drawn from zero to a measured backup's
+//! duration, A gets SIGKILL. A restarts. Then every snapshot A lists must restore byte-identical
+//! to the source as it was when that snapshot's backup ran (the harness keeps a copy per
+//! backup), and the next backup must complete.
 //!
 //! **Friend points** ([`friend_crashes`]): the same, but B gets SIGKILL while A's backup sends it
 //! packs, and restarts at once. B's database must open (B starts), every pack file B holds must
-//! hash to its name, the bytes B says it hosts must equal the bytes of those files, and once A's
-//! replication completes, `verify --sample 100` must download every pack from B and find each
-//! one intact.
+//! hash to its name, no partly received body may be left, the bytes B says it hosts must equal
+//! the bytes of those files, and once A's replication completes, `verify --sample 100` must
+//! download every pack from B and find each one intact.
 //!
 //! Delays come from a seeded generator, so a failing point can be run again with its seed.
 
@@ -244,8 +244,8 @@ pub fn owner_crashes(o: &CrashOptions) -> Result<Value> {
     }))
 }
 
-/// Whether every pack file `b` hosts hashes to its name, and their bytes are what `b` says it
-/// hosts. Returns the number of packs.
+/// Whether every pack file `b` hosts hashes to its name, their bytes are what `b` says it hosts,
+/// and no partly received body was left behind. Returns the number of packs.
 fn friend_is_sound(b: &Node) -> Result<usize> {
     let mut files = Vec::new();
     let mut dirs = vec![b.data_dir.join("hosted")];
@@ -268,6 +268,10 @@ fn friend_is_sound(b: &Node) -> Result<usize> {
             bail!("{} holds bytes that hash to {hash}", f.display());
         }
         bytes += data.len() as u64;
+    }
+    let leftovers = count_files(&b.data_dir.join("hosted"), "tmp");
+    if leftovers > 0 {
+        bail!("{leftovers} partly received bodies are still in B's hosted directory");
     }
     let hosted = b.status()?["hosted_bytes"].as_u64().unwrap_or(u64::MAX);
     if hosted != bytes {
