@@ -33,6 +33,8 @@ pub mod audit;
 pub mod codec;
 pub mod control;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keyslot;
 pub mod local;

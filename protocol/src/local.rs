@@ -230,7 +230,13 @@ impl FriendHealth {
                 ..DayPresence::default()
             });
         }
-        self.days.retain(|d| d.day + PRESENCE_DAYS as u32 > day);
+        // Keep the last PRESENCE_DAYS days up to today. A day after today (a record read back
+        // from a damaged index, or a clock set back) is dropped; `d.day + PRESENCE_DAYS`
+        // overflowed for days near u32::MAX (found by the `local_records` fuzz target).
+        self.days.retain(|d| {
+            day.checked_sub(d.day)
+                .is_some_and(|age| age < PRESENCE_DAYS as u32)
+        });
         if let Some(d) = self.days.last_mut() {
             d.observed_secs = d.observed_secs.saturating_add(secs);
             if online {
@@ -297,6 +303,30 @@ mod friend_tests {
         assert_eq!(h.online_fraction(), Some(online / 30.0));
         let back = FriendHealth::from_bytes(&h.to_bytes()).unwrap();
         assert_eq!(back, h);
+    }
+
+    #[test]
+    fn presence_drops_days_after_today_without_overflow() {
+        let day = 86_400_000_000_000i64;
+        let mut h = FriendHealth {
+            days: vec![
+                DayPresence {
+                    day: 9,
+                    observed_secs: 5,
+                    online_secs: 5,
+                },
+                DayPresence {
+                    day: u32::MAX,
+                    observed_secs: 7,
+                    online_secs: 0,
+                },
+            ],
+            ..FriendHealth::default()
+        };
+        h.note_presence(10 * day, 60, false);
+        let days: Vec<u32> = h.days.iter().map(|d| d.day).collect();
+        assert_eq!(days, [9, 10]);
+        assert_eq!(h.online_fraction(), Some(5.0 / 65.0));
     }
 
     #[test]

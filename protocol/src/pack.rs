@@ -125,19 +125,31 @@ impl PackTrailer {
             index_offset: u64::from_le_bytes(a),
             index_len: u64::from_le_bytes(b),
         };
-        let end = trailer.index_offset.checked_add(trailer.index_len);
-        match end {
-            Some(end)
-                if end + TRAILER_LEN as u64 <= pack_len
-                    && trailer.index_len <= MAX_INDEX_LEN as u64 =>
-            {
-                Ok(trailer)
-            }
-            _ => Err(DecodeError::Malformed {
+        if trailer.index_len > MAX_INDEX_LEN as u64 {
+            return Err(DecodeError::Malformed {
                 what,
-                reason: "index lies outside the pack".into(),
-            }),
+                reason: format!(
+                    "index of {} bytes is over the limit of {MAX_INDEX_LEN} bytes",
+                    trailer.index_len
+                ),
+            });
         }
+        // Checked all the way: offset, length and trailer are read from the pack, and a sum
+        // that wrapped around would let an index "fit" anywhere.
+        let end = trailer
+            .index_offset
+            .checked_add(trailer.index_len)
+            .and_then(|end| end.checked_add(TRAILER_LEN as u64));
+        if end.is_none_or(|end| end > pack_len) {
+            return Err(DecodeError::Malformed {
+                what,
+                reason: format!(
+                    "index of {} bytes at offset {} and the {TRAILER_LEN}-byte trailer do not fit a pack of {pack_len} bytes",
+                    trailer.index_len, trailer.index_offset
+                ),
+            });
+        }
+        Ok(trailer)
     }
 }
 
@@ -183,6 +195,28 @@ mod tests {
     }
 
     #[test]
+    fn a_trailer_whose_end_wraps_around_is_refused() {
+        // Found by the `pack_index` fuzz target: offset + length + trailer wrapped around u64
+        // and "fit" (or overflowed in a debug build).
+        let t = PackTrailer {
+            index_offset: u64::MAX - 20,
+            index_len: 0,
+        };
+        let err = PackTrailer::from_bytes(&t.to_bytes(), 1 << 20).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("do not fit a pack of 1048576 bytes"),
+            "{err}"
+        );
+        let big = PackTrailer {
+            index_offset: 0,
+            index_len: MAX_INDEX_LEN as u64 + 1,
+        };
+        let err = PackTrailer::from_bytes(&big.to_bytes(), u64::MAX).unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
+    }
+
+    #[test]
     fn padding_reaches_alignment() {
         assert_eq!(padding_for(0), 0);
         assert_eq!(padding_for(1), PACK_ALIGN - 1);
@@ -202,7 +236,8 @@ mod tests {
         fn trailer_never_points_outside(off in any::<u64>(), len in any::<u64>(), pack_len in any::<u64>()) {
             let t = PackTrailer { index_offset: off, index_len: len };
             if let Ok(t) = PackTrailer::from_bytes(&t.to_bytes(), pack_len) {
-                prop_assert!(t.index_offset + t.index_len + TRAILER_LEN as u64 <= pack_len);
+                let end = t.index_offset.checked_add(t.index_len).and_then(|e| e.checked_add(TRAILER_LEN as u64));
+                prop_assert!(end.is_some_and(|end| end <= pack_len));
             }
         }
     }

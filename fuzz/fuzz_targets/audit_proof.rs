@@ -1,0 +1,11 @@
+//! Fuzz target `audit_proof`: a friend's audit proof (`audit::verify`) for fixed challenges.
+//! The decoder calls live in `obnam_protocol::fuzzing::audit_proof`, shared with the replay test
+//! `protocol/tests/fuzz_regressions.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    // A decoder error is the right answer to garbage; only a panic is a finding.
+    let _ = obnam_protocol::fuzzing::audit_proof(data);
+});
