@@ -2,7 +2,7 @@
 //! them, and what a friend lost or let rot is found and sent to it again.
 
 use crate::util::{TestResult, bins, noise, restored};
-use obnam_simulations::{Node, befriend_all, compare_trees, wait_until};
+use obnam_simulations::{Node, befriend_all, compare_trees, files_below, wait_until};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,20 +19,7 @@ fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
 }
 
 fn hosted_packs(n: &Node) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut dirs = vec![n.data_dir.join("hosted")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "pack") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+    files_below(&n.data_dir.join("hosted"), "pack")
 }
 
 /// Whether every hosted pack file is there and hashes to its name.

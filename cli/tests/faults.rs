@@ -22,51 +22,67 @@ fn socket_addr(n: &Node) -> anyhow::Result<SocketAddr> {
     Ok(format!("{}:{}", parts[2], parts[4]).parse()?)
 }
 
-#[test]
-fn backup_and_restore_complete_through_a_flaky_network() -> TestResult {
-    let dir = crate::util::tempdir("obnam-faults-")?;
+/// Owner A (`replicas = 1`) and friend B, each reaching the other only through a proxy with its
+/// own fault plan; A is initialised.
+struct Pair {
+    a: Node,
+    b: Node,
+    to_b: FaultyProxy,
+    to_a: FaultyProxy,
+}
+
+fn pair(
+    dir: &std::path::Path,
+    extra: &str,
+    to_b: FaultPlan,
+    to_a: FaultPlan,
+) -> anyhow::Result<Pair> {
+    let cfg = format!("{CONFIG}{extra}");
     let mut a = Node::new(
         &bins(),
         "a",
-        &dir.path().join("a"),
-        &format!("replicas = 1\n{CONFIG}"),
+        &dir.join("a"),
+        &format!("replicas = 1\n{cfg}"),
     )?;
-    let mut b = Node::new(&bins(), "b", &dir.path().join("b"), CONFIG)?;
+    let mut b = Node::new(&bins(), "b", &dir.join("b"), &cfg)?;
     a.start()?;
     b.start()?;
+    let to_b = FaultyProxy::start(socket_addr(&b)?, to_b)?;
+    let to_a = FaultyProxy::start(socket_addr(&a)?, to_a)?;
+    for (from, to, via) in [(&a, &b, &to_b), (&b, &a, &to_a)] {
+        let addr = via.multiaddr();
+        from.json(
+            &[
+                "peer",
+                "add",
+                &to.peer_id,
+                "--addr",
+                &addr,
+                "--name",
+                &to.name,
+            ],
+            0,
+        )?;
+    }
+    a.init("alice")?;
+    Ok(Pair { a, b, to_b, to_a })
+}
+
+#[test]
+fn backup_and_restore_complete_through_a_flaky_network() -> TestResult {
+    let dir = crate::util::tempdir("obnam-faults-")?;
     let plan = FaultPlan {
         seed: 11,
         every: Duration::from_millis(50)..Duration::from_millis(500),
         stall: Duration::from_millis(200)..Duration::from_millis(1500),
         max_faults: 20,
     };
-    let to_b = FaultyProxy::start(socket_addr(&b)?, plan.clone())?;
-    let to_a = FaultyProxy::start(socket_addr(&a)?, FaultPlan { seed: 12, ..plan })?;
-    a.json(
-        &[
-            "peer",
-            "add",
-            &b.peer_id,
-            "--addr",
-            &to_b.multiaddr(),
-            "--name",
-            "b",
-        ],
-        0,
-    )?;
-    b.json(
-        &[
-            "peer",
-            "add",
-            &a.peer_id,
-            "--addr",
-            &to_a.multiaddr(),
-            "--name",
-            "a",
-        ],
-        0,
-    )?;
-    a.init("alice")?;
+    let Pair {
+        mut a,
+        mut b,
+        to_b,
+        to_a,
+    } = pair(dir.path(), "", plan.clone(), FaultPlan { seed: 12, ..plan })?;
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("docs"))?;
     for i in 0..3 {
@@ -127,16 +143,6 @@ fn backup_and_restore_complete_through_a_flaky_network() -> TestResult {
 #[test]
 fn a_friend_that_stays_connected_and_silent_fails_its_audits() -> TestResult {
     let dir = crate::util::tempdir("obnam-faults-")?;
-    let cfg = format!("{CONFIG}audit_deadline_secs = 2\n");
-    let mut a = Node::new(
-        &bins(),
-        "a",
-        &dir.path().join("a"),
-        &format!("replicas = 1\n{cfg}"),
-    )?;
-    let mut b = Node::new(&bins(), "b", &dir.path().join("b"), &cfg)?;
-    a.start()?;
-    b.start()?;
     // No scheduled faults: the test holds the traffic itself.
     let calm = FaultPlan {
         seed: 1,
@@ -144,33 +150,12 @@ fn a_friend_that_stays_connected_and_silent_fails_its_audits() -> TestResult {
         stall: Duration::from_millis(1)..Duration::from_millis(2),
         max_faults: 0,
     };
-    let to_b = FaultyProxy::start(socket_addr(&b)?, calm.clone())?;
-    let to_a = FaultyProxy::start(socket_addr(&a)?, calm)?;
-    a.json(
-        &[
-            "peer",
-            "add",
-            &b.peer_id,
-            "--addr",
-            &to_b.multiaddr(),
-            "--name",
-            "b",
-        ],
-        0,
-    )?;
-    b.json(
-        &[
-            "peer",
-            "add",
-            &a.peer_id,
-            "--addr",
-            &to_a.multiaddr(),
-            "--name",
-            "a",
-        ],
-        0,
-    )?;
-    a.init("alice")?;
+    let Pair {
+        mut a,
+        mut b,
+        to_b,
+        to_a,
+    } = pair(dir.path(), "audit_deadline_secs = 2\n", calm.clone(), calm)?;
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("f.bin"), noise(3 << 20, 30))?;

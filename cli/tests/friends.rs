@@ -300,18 +300,7 @@ fn malformed_input_gets_errors_and_the_node_keeps_serving() -> TestResult {
 }
 
 fn packs_below(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(packs_below(&p));
-            } else if p.extension().is_some_and(|x| x == "pack") {
-                out.push(p);
-            }
-        }
-    }
-    out
+    obnam_simulations::files_below(dir, "pack")
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //!
 //! Delays come from a seeded generator, so a failing point can be run again with its seed.
 
-use crate::{Bins, Node, befriend_all, compare_trees, wait_until};
+use crate::{Bins, Node, befriend_all, compare_trees, files_below, wait_until};
 use anyhow::{Context, Result, bail};
 use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -247,18 +247,7 @@ pub fn owner_crashes(o: &CrashOptions) -> Result<Value> {
 /// Whether every pack file `b` hosts hashes to its name, their bytes are what `b` says it hosts,
 /// and no partly received body was left behind. Returns the number of packs.
 fn friend_is_sound(b: &Node) -> Result<usize> {
-    let mut files = Vec::new();
-    let mut dirs = vec![b.data_dir.join("hosted")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "pack") {
-                files.push(p);
-            }
-        }
-    }
+    let files = files_below(&b.data_dir.join("hosted"), "pack");
     let mut bytes = 0u64;
     for f in &files {
         let data = std::fs::read(f)?;
@@ -269,7 +258,7 @@ fn friend_is_sound(b: &Node) -> Result<usize> {
         }
         bytes += data.len() as u64;
     }
-    let leftovers = count_files(&b.data_dir.join("hosted"), "tmp");
+    let leftovers = files_below(&b.data_dir.join("hosted"), "tmp").len();
     if leftovers > 0 {
         bail!("{leftovers} partly received bodies are still in B's hosted directory");
     }
@@ -281,22 +270,6 @@ fn friend_is_sound(b: &Node) -> Result<usize> {
         );
     }
     Ok(files.len())
-}
-
-fn count_files(dir: &Path, ext: &str) -> usize {
-    let mut n = 0;
-    let mut dirs = vec![dir.to_owned()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == ext) {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// SIGKILLs the friend while it receives packs, at seeded points; see the module docs.
@@ -315,7 +288,7 @@ pub fn friend_crashes(o: &CrashOptions) -> Result<Value> {
         std::thread::sleep(delay);
         s.b.kill();
         // Evidence that the kill came mid-transfer: bodies B was still writing.
-        let partial = count_files(&s.b.data_dir.join("hosted"), "tmp");
+        let partial = files_below(&s.b.data_dir.join("hosted"), "tmp").len();
         s.b.start()
             .with_context(|| format!("point {p} (delay {delay:?}): B's database does not open"))?;
         let code = reap(client)?;

@@ -446,6 +446,24 @@ pub fn wait_until(
     }
 }
 
+/// Every file below `dir` whose name ends in `.ext`, sorted (none when `dir` is missing).
+pub fn files_below(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Whether any file below `dir` contains `needle` (in its name or its bytes).
 ///
 /// # Errors
