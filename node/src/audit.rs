@@ -583,8 +583,9 @@ fn check_chunks(
 /// How well `friends` (peer id bytes: those whose copies count) hold each snapshot, oldest
 /// first (see
 /// [`SnapshotHealth`](obnam_protocol::control::SnapshotHealth)). A snapshot's packs are taken to
-/// be every pack written before the next snapshot's backup started (backups run one at a time),
-/// so the figures never overstate.
+/// be every pack written before the next snapshot's backup started (backups run one at a time):
+/// the friend count never overstates, and the shares are over that same set of packs (packs the
+/// snapshot does not use can dilute them).
 ///
 /// # Errors
 /// Database errors.
