@@ -566,8 +566,12 @@ fn status(g: &Global) -> Result<u8, Failure> {
         }
         if let Some(h) = &s.latest_snapshot_health {
             println!(
-                "newest snapshot: {} friends hold all of it; {} of its data is held by only one friend, {} by none",
-                h.friends_holding_all,
+                "newest snapshot: {} hold{} all of it; {} of its data is held by only one friend, {} by none",
+                match h.friends_holding_all {
+                    1 => "1 friend".to_owned(),
+                    n => format!("{n} friends"),
+                },
+                if h.friends_holding_all == 1 { "s" } else { "" },
                 percent(h.single_friend_bytes, h.pack_bytes),
                 percent(h.unheld_bytes, h.pack_bytes)
             );
