@@ -75,6 +75,43 @@ fn peer_of(f: &Friend) -> Option<PeerId> {
     PeerId::from_bytes(&f.peer_id).ok()
 }
 
+/// A friend as the placement policy sees it: no I/O, so the simulations can call
+/// [`choose_replica_set`] with the node's own rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// When it was added (earlier friends come first).
+    pub added_ns: i64,
+    /// A tie-breaker: its peer id bytes.
+    pub id: &'a [u8],
+    /// Its household ("" for none).
+    pub household: &'a str,
+    /// Whether it may hold our data now: not refusing for quota, not having removed us, not lost.
+    pub eligible: bool,
+}
+
+/// The placement policy: up to `replicas` eligible friends, earliest added first, one per
+/// household before a second from any household. Returns indexes into `candidates`.
+pub fn choose_replica_set(candidates: &[Candidate<'_>], replicas: usize) -> Vec<usize> {
+    let mut eligible: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].eligible)
+        .collect();
+    eligible.sort_by_key(|&i| (candidates[i].added_ns, candidates[i].id));
+    let mut set: Vec<usize> = Vec::new();
+    let mut households = HashSet::new();
+    for &i in &eligible {
+        let h = candidates[i].household;
+        if set.len() < replicas && (h.is_empty() || households.insert(h)) {
+            set.push(i);
+        }
+    }
+    for &i in &eligible {
+        if set.len() < replicas && !set.contains(&i) {
+            set.push(i);
+        }
+    }
+    set
+}
+
 /// Whether a friend last seen at `seen_ns` (or added then) counts as lost at `now_ns`.
 pub fn is_lost(now_ns: i64, seen_ns: i64, lost_after_secs: u64) -> bool {
     let lost_after = i64::try_from(lost_after_secs)
@@ -180,31 +217,23 @@ impl Replicator {
     /// that refused for quota, friends that no longer accept us as a friend, and friends unseen for longer than `lost_after_secs` (their copies
     /// count as lost; they are audited, and count again, when they are back).
     pub fn replica_set(&self, friends: &[Friend]) -> Result<Vec<Friend>, NodeError> {
-        let replicas = self.repo.config.replicas as usize;
         let now = crate::repo::now_ns();
-        let mut eligible = Vec::new();
+        let mut candidates = Vec::new();
         for f in friends {
-            if self.repo.store.peer_state(&f.peer_id)?.quota_refused || !self.counts(f, now)? {
-                continue;
-            }
-            eligible.push(f.clone());
+            candidates.push(Candidate {
+                added_ns: f.added_ns,
+                id: &f.peer_id,
+                household: &f.household,
+                eligible: !self.repo.store.peer_state(&f.peer_id)?.quota_refused
+                    && self.counts(f, now)?,
+            });
         }
-        eligible.sort_by_key(|f| (f.added_ns, f.peer_id.clone()));
-        let mut set: Vec<Friend> = Vec::new();
-        let mut households = HashSet::new();
-        for f in &eligible {
-            if set.len() < replicas
-                && (f.household.is_empty() || households.insert(f.household.clone()))
-            {
-                set.push(f.clone());
-            }
-        }
-        for f in &eligible {
-            if set.len() < replicas && !set.iter().any(|s| s.peer_id == f.peer_id) {
-                set.push(f.clone());
-            }
-        }
-        Ok(set)
+        Ok(
+            choose_replica_set(&candidates, self.repo.config.replicas as usize)
+                .into_iter()
+                .map(|i| friends[i].clone())
+                .collect(),
+        )
     }
 
     /// Whether a friend's copies count: it has not removed us, and it was seen within
@@ -884,5 +913,43 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c<'a>(added_ns: i64, id: &'a [u8], household: &'a str, eligible: bool) -> Candidate<'a> {
+        Candidate {
+            added_ns,
+            id,
+            household,
+            eligible,
+        }
+    }
+
+    #[test]
+    fn the_replica_set_spreads_over_households_and_skips_the_ineligible() {
+        let list = [
+            c(1, b"a", "home", true),
+            c(2, b"b", "home", true),
+            c(3, b"c", "", true),
+            c(4, b"d", "flat", false),
+            c(5, b"e", "flat", true),
+        ];
+        // One per household first (a, c has none, e), then the rest in order.
+        assert_eq!(choose_replica_set(&list, 3), vec![0, 2, 4]);
+        assert_eq!(choose_replica_set(&list, 4), vec![0, 2, 4, 1]);
+        assert_eq!(choose_replica_set(&list, 10), vec![0, 2, 4, 1]);
+        assert!(choose_replica_set(&list, 0).is_empty());
+    }
+
+    #[test]
+    fn friends_count_as_lost_only_after_lost_after() {
+        let s = 1_000_000_000;
+        assert!(!is_lost(100 * s, 90 * s, 10));
+        assert!(is_lost(100 * s, 89 * s, 10));
+        assert!(!is_lost(i64::MAX, 0, u64::MAX));
     }
 }
