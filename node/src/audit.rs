@@ -58,9 +58,12 @@ impl Kind {
 }
 
 /// The kind of the `n`-th audit of a friend: of every `per_day` audits, the first names the
-/// newest pack and the second the root's pack (with one audit a day, they alternate).
+/// newest pack and the second the root's pack, and the rest are random. Below 3 a day the cycle
+/// is 3 audits long (newest, root, random), so random packs are audited at every rate: with a
+/// cycle of 2, one or two audits a day would never look beyond those two packs (S5 of the
+/// simulations found it).
 pub fn kind_of(n: u64, per_day: u32) -> Kind {
-    let cycle = u64::from(per_day.max(2));
+    let cycle = u64::from(per_day.max(3));
     match n % cycle {
         0 => Kind::Newest,
         1 => Kind::Root,
@@ -706,11 +709,12 @@ mod tests {
     #[test]
     fn every_days_audits_include_the_newest_pack_and_the_root() {
         for per_day in [1u32, 2, 3, 16, 64] {
-            let kinds: Vec<Kind> = (0..u64::from(per_day.max(2)))
+            let kinds: Vec<Kind> = (0..u64::from(per_day.max(3)))
                 .map(|n| kind_of(n, per_day))
                 .collect();
             assert!(kinds.contains(&Kind::Newest), "{per_day}");
             assert!(kinds.contains(&Kind::Root), "{per_day}");
+            assert!(kinds.contains(&Kind::Random), "{per_day}");
         }
         assert_eq!(audit_interval(16), Duration::from_secs(5400));
         assert_eq!(audit_interval(0), Duration::from_secs(86_400));

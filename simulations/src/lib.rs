@@ -14,6 +14,7 @@ pub mod availability;
 pub mod bench;
 pub mod crash;
 pub mod durability;
+pub mod efficacy;
 pub mod plot;
 pub mod proxy;
 

@@ -5,11 +5,14 @@
 //! ```text
 //! sim durability --k K --n N --monthly-loss P [--json]   S1, the analytic check
 //! sim availability [--share-on S] [--a-on A] [--json]     S2, restore availability
+//! sim audit-efficacy [--trials N] [--online A] [--json]  S5, how fast audits catch loss
 //! sim all [--json]                                       every scenario, at a reduced size
 //! ```
 //!
-//! Implemented so far: S1 ([`obnam_simulations::durability`]) and S2
-//! ([`obnam_simulations::availability`]). The churn simulator and S3-S7 are not written yet.
+//! Implemented so far: S1 ([`obnam_simulations::durability`]), S2
+//! ([`obnam_simulations::availability`]) and S5 ([`obnam_simulations::efficacy`], driving the
+//! node's own audit schedule and judgement). The churn simulator, S3, S4, S6 and S7 are not
+//! written yet.
 
 use anyhow::{Result, bail};
 use obnam_simulations::availability::{self, Scheme};
@@ -29,12 +32,14 @@ const PUBLISHED: [(u32, u32, f64); 3] = [
 fn usage() -> &'static str {
     "usage: sim durability --k K --n N --monthly-loss P [--json] [--out DIR]\n\
      \x20      sim availability [--share-on S] [--a-on A] [--json] [--out DIR]\n\
+     \x20      sim audit-efficacy [--trials N] [--online A] [--json] [--out DIR]\n\
      \x20      sim all [--json] [--out DIR]"
 }
 
 enum Scenario {
     Durability { k: u32, n: u32, loss: f64 },
     Availability,
+    Efficacy,
     All,
 }
 
@@ -44,6 +49,8 @@ struct Options {
     out: PathBuf,
     share_on: f64,
     a_on: f64,
+    trials: Option<usize>,
+    online: f64,
 }
 
 /// Where plots go by default: `simulations/results/` of this source tree.
@@ -58,11 +65,14 @@ fn parse(args: &[String]) -> Result<Options> {
     let mut flags = Flags::new(rest);
     let (mut k, mut n, mut loss, mut json) = (None, None, None, false);
     let (mut out, mut share_on, mut a_on) = (default_out(), 0.3, 0.99);
+    let (mut trials, mut online) = (None, 0.7);
     while let Some(f) = flags.next_flag() {
         match f {
             "--out" => out = PathBuf::from(flags.parsed::<String>(f)?),
             "--share-on" => share_on = flags.parsed::<f64>(f)?,
             "--a-on" => a_on = flags.parsed::<f64>(f)?,
+            "--trials" => trials = Some(flags.parsed::<usize>(f)?),
+            "--online" => online = flags.parsed::<f64>(f)?,
             "--k" => k = Some(flags.parsed::<u32>(f)?),
             "--n" => n = Some(flags.parsed::<u32>(f)?),
             "--monthly-loss" => loss = Some(flags.parsed::<f64>(f)?),
@@ -79,6 +89,7 @@ fn parse(args: &[String]) -> Result<Options> {
             Scenario::Durability { k, n, loss }
         }
         "availability" => Scenario::Availability,
+        "audit-efficacy" => Scenario::Efficacy,
         "all" => {
             if k.is_some() || n.is_some() || loss.is_some() {
                 bail!("all takes only --json and --out\n{}", usage());
@@ -87,7 +98,11 @@ fn parse(args: &[String]) -> Result<Options> {
         }
         other => bail!("unknown scenario {other:?}\n{}", usage()),
     };
-    for (name, p) in [("--share-on", share_on), ("--a-on", a_on)] {
+    for (name, p) in [
+        ("--share-on", share_on),
+        ("--a-on", a_on),
+        ("--online", online),
+    ] {
         if !(0.0..=1.0).contains(&p) {
             bail!("{name} must be a probability between 0 and 1, got {p}");
         }
@@ -98,6 +113,8 @@ fn parse(args: &[String]) -> Result<Options> {
         out,
         share_on,
         a_on,
+        trials,
+        online,
     })
 }
 
@@ -252,6 +269,99 @@ fn s2(o: &Options) -> Result<Value> {
     }))
 }
 
+/// S5: the table rows, the JSON and the plot.
+fn s5(o: &Options, trials: usize) -> Result<Value> {
+    use obnam_simulations::efficacy::{Settings, caught_within, efficacy};
+    let settings = Settings {
+        packs: 1000,
+        online: o.online,
+        trials,
+        horizon_days: 3650,
+        seed: 5,
+    };
+    let rates = [1u32, 2, 4, 8, 16, 32, 64];
+    let mut rows = Vec::new();
+    let mut series = Vec::new();
+    for f in [0.001, 0.01, 0.1, 1.0] {
+        let mut points = Vec::new();
+        for c in rates {
+            let e = efficacy(f, c, &settings);
+            if e.median_days.is_finite() {
+                points.push((
+                    f64::from(c).log2(),
+                    (e.median_days.max(1.0 / 1440.0)).log10(),
+                ));
+            }
+            rows.push(json!({
+                "dropped": f,
+                "audits_per_day": c,
+                "median_days": if e.median_days.is_finite() { json!(e.median_days) } else { Value::Null },
+                "p90_days": if e.p90_days.is_finite() { json!(e.p90_days) } else { Value::Null },
+                "missed": e.missed,
+                "analytic_median_days": e.analytic_median_days,
+                "caught_within_one_day_analytic": caught_within(f, c),
+                "false_alarms": e.false_alarms,
+                "honest_audits": e.honest_audits,
+            }));
+        }
+        series.push(Series {
+            name: format!("{}% dropped", trim(f * 100.0)),
+            points,
+        });
+    }
+    let path = o.out.join("s5-audit-efficacy.png");
+    write_png(
+        &path,
+        &Figure {
+            title: format!(
+                "S5: median time until audits catch a friend (online {}, 1000 packs)",
+                o.online
+            ),
+            x_label: "log2 of audits per day".into(),
+            y_label: "log10 of days until caught".into(),
+            x: 0.0..6.0,
+            y: -3.5..4.0,
+            series,
+        },
+    )?;
+    Ok(json!({
+        "online": o.online,
+        "packs": settings.packs,
+        "trials": trials,
+        "horizon_days": settings.horizon_days,
+        "rows": rows,
+        "plot": path.display().to_string(),
+    }))
+}
+
+fn s5_table(v: &Value) -> String {
+    let mut t = format!(
+        "S5: days until audits catch a friend that dropped a share of {} packs (online {}, {} trials; median, 90th percentile, and the analytic median 1 − (1 − f)^c for random picks)\n\n| dropped | audits/day | median days | p90 days | analytic median | P(caught in 1 day) analytic | missed | false alarms |\n|---|---|---|---|---|---|---|---|\n",
+        v["packs"], v["online"], v["trials"]
+    );
+    let days = |x: &Value| {
+        x.as_f64()
+            .map_or_else(|| "never".to_owned(), |d| format!("{d:.3}"))
+    };
+    for r in v["rows"].as_array().into_iter().flatten() {
+        t.push_str(&format!(
+            "| {}% | {} | {} | {} | {:.3} | {:.4} | {} | {} of {} |\n",
+            trim(r["dropped"].as_f64().unwrap_or(0.0) * 100.0),
+            r["audits_per_day"],
+            days(&r["median_days"]),
+            days(&r["p90_days"]),
+            r["analytic_median_days"].as_f64().unwrap_or(f64::NAN),
+            r["caught_within_one_day_analytic"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["missed"],
+            r["false_alarms"],
+            r["honest_audits"]
+        ));
+    }
+    t
+}
+
 /// S2's table at a few availabilities.
 fn s2_table(v: &Value) -> String {
     let cols = [0.1, 0.3, 0.5, 0.7, 0.9, 0.99];
@@ -326,6 +436,14 @@ fn run(o: Options) -> Result<()> {
             }
             s1_plot(&o.out)?;
         }
+        Scenario::Efficacy => {
+            let v = s5(&o, o.trials.unwrap_or(1000))?;
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s5_table(&v));
+            }
+        }
         Scenario::Availability => {
             let v = s2(&o)?;
             if o.json {
@@ -336,6 +454,7 @@ fn run(o: Options) -> Result<()> {
         }
         Scenario::All => {
             let s2v = s2(&o)?;
+            let s5v = s5(&o, o.trials.unwrap_or(100))?;
             let s1_png = s1_plot(&o.out)?;
             // S1 over the whitepaper's examples and replicas 1 to 5, at 10% monthly loss.
             let mut rows = Vec::new();
@@ -358,6 +477,7 @@ fn run(o: Options) -> Result<()> {
                         "durability": rows,
                         "durability_plot": s1_png.display().to_string(),
                         "availability": s2v,
+                        "audit_efficacy": s5v,
                     }))?
                 );
             } else {
@@ -367,6 +487,8 @@ fn run(o: Options) -> Result<()> {
                 );
                 println!();
                 print!("{}", s2_table(&s2v));
+                println!();
+                print!("{}", s5_table(&s5v));
                 println!("plots: {}", o.out.display());
             }
         }
