@@ -12,6 +12,7 @@
 
 pub mod availability;
 pub mod bench;
+pub mod correlated;
 pub mod crash;
 pub mod durability;
 pub mod efficacy;

@@ -6,13 +6,14 @@
 //! sim durability --k K --n N --monthly-loss P [--json]   S1, the analytic check
 //! sim availability [--share-on S] [--a-on A] [--json]     S2, restore availability
 //! sim audit-efficacy [--trials N] [--online A] [--json]  S5, how fast audits catch loss
+//! sim correlated [--trials N] [--json]                   S4, correlated failure and placement
 //! sim all [--json]                                       every scenario, at a reduced size
 //! ```
 //!
 //! Implemented so far: S1 ([`obnam_simulations::durability`]), S2
-//! ([`obnam_simulations::availability`]) and S5 ([`obnam_simulations::efficacy`], driving the
-//! node's own audit schedule and judgement). The churn simulator, S3, S4, S6 and S7 are not
-//! written yet.
+//! ([`obnam_simulations::availability`]), S4 ([`obnam_simulations::correlated`], with the node's
+//! own placement policy) and S5 ([`obnam_simulations::efficacy`], driving the node's own audit
+//! schedule and judgement). The churn simulator, S3, S6 and S7 are not written yet.
 
 use anyhow::{Result, bail};
 use obnam_simulations::availability::{self, Scheme};
@@ -33,6 +34,7 @@ fn usage() -> &'static str {
     "usage: sim durability --k K --n N --monthly-loss P [--json] [--out DIR]\n\
      \x20      sim availability [--share-on S] [--a-on A] [--json] [--out DIR]\n\
      \x20      sim audit-efficacy [--trials N] [--online A] [--json] [--out DIR]\n\
+     \x20      sim correlated [--trials N] [--json] [--out DIR]\n\
      \x20      sim all [--json] [--out DIR]"
 }
 
@@ -40,6 +42,7 @@ enum Scenario {
     Durability { k: u32, n: u32, loss: f64 },
     Availability,
     Efficacy,
+    Correlated,
     All,
 }
 
@@ -90,6 +93,7 @@ fn parse(args: &[String]) -> Result<Options> {
         }
         "availability" => Scenario::Availability,
         "audit-efficacy" => Scenario::Efficacy,
+        "correlated" => Scenario::Correlated,
         "all" => {
             if k.is_some() || n.is_some() || loss.is_some() {
                 bail!("all takes only --json and --out\n{}", usage());
@@ -334,6 +338,97 @@ fn s5(o: &Options, trials: usize) -> Result<Value> {
     }))
 }
 
+/// S4: fixed friends against random scattering when a share of all nodes fails at once.
+fn s4(o: &Options, trials: usize) -> Result<Value> {
+    use obnam_simulations::correlated::{any_loss, simulate_fixed};
+    const NODES: u64 = 5000;
+    const PACKS_PER_OWNER: f64 = 1000.0;
+    let mut rows = Vec::new();
+    for r in [2u64, 3, 4] {
+        for q in [0.01, 0.1, 0.3, 0.6] {
+            let failed = (q * NODES as f64).round() as u64;
+            // Random scattering uses about one set per pack (capped by the sets that exist).
+            let all_sets = (0..r).fold(1.0, |acc, i| acc * (NODES - i) as f64 / (i + 1) as f64);
+            let scatter_sets = (NODES as f64 * PACKS_PER_OWNER).min(all_sets);
+            let sim = simulate_fixed(
+                NODES as usize,
+                5,
+                r as usize,
+                failed as usize,
+                trials,
+                11 + r,
+            );
+            rows.push(json!({
+                "replicas": r,
+                "failed_share": q,
+                "fixed_friends": any_loss(NODES, failed, r, sim.distinct_sets),
+                "fixed_friends_simulated": sim.losses as f64 / sim.trials.max(1) as f64,
+                "random_scattering": any_loss(NODES, failed, r, scatter_sets),
+                "copysets_paper": if r == 3 && q == 0.01 { json!({"random": 0.9999, "copyset": 0.0015}) } else { Value::Null },
+            }));
+        }
+    }
+    let mut series = Vec::new();
+    for (name, sets) in [
+        ("fixed friends (one set per owner)", NODES as f64),
+        (
+            "random scattering (one set per pack)",
+            NODES as f64 * PACKS_PER_OWNER,
+        ),
+    ] {
+        for r in [2u64, 3] {
+            series.push(Series {
+                name: format!("{name}, {r} replicas"),
+                points: (1..=150)
+                    .map(|i| {
+                        let q = f64::from(i) / 1000.0;
+                        let failed = (q * NODES as f64).round() as u64;
+                        (q, any_loss(NODES, failed, r, sets))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    let path = o.out.join("s4-correlated.png");
+    write_png(
+        &path,
+        &Figure {
+            title: "S4: P(some owner loses data) when a share of 5,000 nodes fails at once".into(),
+            x_label: "share of nodes failing together".into(),
+            y_label: "probability that some owner loses data".into(),
+            x: 0.0..0.15,
+            y: 0.0..1.05,
+            series,
+        },
+    )?;
+    Ok(json!({
+        "nodes": NODES,
+        "packs_per_owner": PACKS_PER_OWNER,
+        "friends_per_owner": 5,
+        "trials": trials,
+        "rows": rows,
+        "plot": path.display().to_string(),
+    }))
+}
+
+fn s4_table(v: &Value) -> String {
+    let mut t = format!(
+        "S4: P(some owner loses data) when a share of {} nodes fails together (each owner: 5 friends, 1000 packs; {} simulated trials per row). Copysets (ATC 2013), 5,000 nodes, 1% failing, 3 replicas: random replication 99.99%, copyset replication 0.15%.\n\n| replicas | failing | fixed friends (formula) | fixed friends (simulated) | random scattering |\n|---|---|---|---|---|\n",
+        v["nodes"], v["trials"]
+    );
+    for r in v["rows"].as_array().into_iter().flatten() {
+        t.push_str(&format!(
+            "| {} | {}% | {:.6} | {:.3} | {:.6} |\n",
+            r["replicas"],
+            trim(r["failed_share"].as_f64().unwrap_or(0.0) * 100.0),
+            r["fixed_friends"].as_f64().unwrap_or(f64::NAN),
+            r["fixed_friends_simulated"].as_f64().unwrap_or(f64::NAN),
+            r["random_scattering"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    t
+}
+
 fn s5_table(v: &Value) -> String {
     let mut t = format!(
         "S5: days until audits catch a friend that dropped a share of {} packs (online {}, {} trials; median, 90th percentile, and the analytic median 1 − (1 − f)^c for random picks)\n\n| dropped | audits/day | median days | p90 days | analytic median | P(caught in 1 day) analytic | missed | false alarms |\n|---|---|---|---|---|---|---|---|\n",
@@ -436,6 +531,14 @@ fn run(o: Options) -> Result<()> {
             }
             s1_plot(&o.out)?;
         }
+        Scenario::Correlated => {
+            let v = s4(&o, o.trials.unwrap_or(200))?;
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", s4_table(&v));
+            }
+        }
         Scenario::Efficacy => {
             let v = s5(&o, o.trials.unwrap_or(1000))?;
             if o.json {
@@ -455,6 +558,7 @@ fn run(o: Options) -> Result<()> {
         Scenario::All => {
             let s2v = s2(&o)?;
             let s5v = s5(&o, o.trials.unwrap_or(100))?;
+            let s4v = s4(&o, o.trials.unwrap_or(20))?;
             let s1_png = s1_plot(&o.out)?;
             // S1 over the whitepaper's examples and replicas 1 to 5, at 10% monthly loss.
             let mut rows = Vec::new();
@@ -478,6 +582,7 @@ fn run(o: Options) -> Result<()> {
                         "durability_plot": s1_png.display().to_string(),
                         "availability": s2v,
                         "audit_efficacy": s5v,
+                        "correlated": s4v,
                     }))?
                 );
             } else {
@@ -489,6 +594,8 @@ fn run(o: Options) -> Result<()> {
                 print!("{}", s2_table(&s2v));
                 println!();
                 print!("{}", s5_table(&s5v));
+                println!();
+                print!("{}", s4_table(&s4v));
                 println!("plots: {}", o.out.display());
             }
         }
