@@ -502,10 +502,7 @@ impl Auditor {
             return (Outcome::Unreachable("bad peer id".into()), 0);
         };
         let path = dir.join(format!("{}.pack", pack.to_hex()));
-        let limit = Duration::from_secs(
-            self.repo.config.request_timeout_secs.max(1)
-                + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
-        );
+        let limit = self.repo.pack_fetch_limit();
         let connected = self.net.is_connected(&peer);
         let fetched = remote.handle.block_on(async {
             tokio::time::timeout(limit, peers::fetch(&self.net, peer, keys, *pack, &path)).await

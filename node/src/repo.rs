@@ -442,6 +442,15 @@ impl Repo {
         result
     }
 
+    /// How long one try of fetching a whole pack may take: the request timeout, plus a pack of
+    /// `MAX_PACK_LEN` at a slow 32 KiB/s.
+    pub fn pack_fetch_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.config.request_timeout_secs.max(1)
+                + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
+        )
+    }
+
     fn cache_path(&self, pack: &obnam_protocol::PackId) -> std::path::PathBuf {
         self.cache_dir.join(format!("{}.pack", pack.to_hex()))
     }
@@ -626,11 +635,7 @@ impl Repo {
             let tmp = dir.join(format!("{}.{}.part", pack.to_hex(), peer));
             // libp2p-stream drops an inbound stream when its accept queue is momentarily full:
             // retry a broken transfer a few times before moving on to another friend.
-            // Whole packs are at most MAX_PACK_LEN: allow for them at a slow 32 KiB/s.
-            let limit = std::time::Duration::from_secs(
-                self.config.request_timeout_secs.max(1)
-                    + obnam_protocol::pack::MAX_PACK_LEN / (32 * 1024),
-            );
+            let limit = self.pack_fetch_limit();
             let what = format!("fetching pack {} from {peer}", pack.short());
             let result = crate::peers::with_retries(FETCH_ATTEMPTS, limit, &what, || {
                 crate::peers::fetch(&remote.net, peer, keys, pack, &tmp)

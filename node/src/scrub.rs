@@ -14,7 +14,6 @@ use crate::serve::{FileId, IO_CHUNK, Server, file_identity};
 use obnam_protocol::{OwnerId, PackId};
 use obnam_store::Store;
 use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,8 +98,7 @@ pub fn pass(server: &Server, store: &Store, rate: u64) -> Result<Pass, obnam_sto
     let mut buf = vec![0u8; IO_CHUNK];
     store.expire_dropped(crate::repo::now_ns().saturating_sub(DROPPED_KEPT_NS))?;
     for (owner, _) in store.hosted_owners()? {
-        let dir = server.pack_path(&owner, &PackId([0; 32]));
-        if !dir.parent().is_some_and(Path::is_dir) {
+        if !server.owner_dir(&owner).is_dir() {
             // The whole directory is gone (an unmounted disk?): not a reason to drop anything.
             tracing::warn!(owner = %owner.short(), "scrub: the owner's hosted-pack directory is missing; skipping it");
             continue;

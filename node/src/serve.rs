@@ -207,10 +207,14 @@ impl Server {
         removed
     }
 
+    /// The directory of an owner's hosted packs.
+    pub fn owner_dir(&self, owner: &OwnerId) -> PathBuf {
+        self.hosted.join(owner.to_hex())
+    }
+
     /// Where a hosted pack's body is.
     pub fn pack_path(&self, owner: &OwnerId, pack: &PackId) -> PathBuf {
-        self.hosted
-            .join(owner.to_hex())
+        self.owner_dir(owner)
             .join(format!("{}.pack", pack.to_hex()))
     }
 
@@ -604,7 +608,7 @@ impl Server {
             return Err(refuse(ErrorCode::Busy, "too many audits in progress"));
         };
         let path = self.pack_path(&owner, &pack);
-        if !self.hosted.join(owner.to_hex()).is_dir() {
+        if !self.owner_dir(&owner).is_dir() {
             // The whole directory is gone (an unmounted disk?): not a reason to drop anything.
             return Err(refuse(
                 ErrorCode::Internal,
@@ -756,7 +760,7 @@ impl Server {
             Some(freed) => {
                 // The records are gone; the bodies go now. A crash here leaves only files that
                 // nothing references.
-                let dir = self.hosted.join(owner.to_hex());
+                let dir = self.owner_dir(&owner);
                 if let Err(e) = std::fs::remove_dir_all(&dir)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
@@ -934,7 +938,7 @@ impl Server {
         pack: &PackId,
         len: u64,
     ) -> Result<PutOutcome, WireError> {
-        let dir = self.hosted.join(owner.to_hex());
+        let dir = self.owner_dir(owner);
         let final_path = self.pack_path(owner, pack);
         let mut tmp_name = [0u8; 8];
         rand::fill(&mut tmp_name[..]);
