@@ -340,14 +340,22 @@ fn snapshots(g: &Global) -> Result<u8, Failure> {
                 s.host,
                 s.files,
                 bytes(s.bytes),
-                s.health.friends_holding_all,
-                percent(s.health.single_friend_bytes, s.health.pack_bytes),
+                if s.health.unknown {
+                    "?".to_owned()
+                } else {
+                    s.health.friends_holding_all.to_string()
+                },
+                if s.health.unknown {
+                    "?".to_owned()
+                } else {
+                    percent(s.health.single_friend_bytes, s.health.pack_bytes)
+                },
                 s.tags.join(","),
                 s.paths.join(" ")
             );
         }
         println!(
-            "friends: how many friends hold every pack of the snapshot; 1-only: share of its data that only one friend holds"
+            "friends: how many friends hold every pack of the snapshot; 1-only: share of its data that only one friend holds; ?: not known yet"
         );
     }
     Ok(exit::OK)
@@ -564,7 +572,12 @@ fn status(g: &Global) -> Result<u8, Failure> {
         for r in &s.rotation_pending {
             println!("key rotation:   waiting for {r}");
         }
-        if let Some(h) = &s.latest_snapshot_health {
+        if s.latest_snapshot_health
+            .as_deref()
+            .is_some_and(|h| h.unknown)
+        {
+            println!("newest snapshot: its packs are not known yet (its trees are being read)");
+        } else if let Some(h) = &s.latest_snapshot_health {
             println!(
                 "newest snapshot: {} hold{} all of it; {} of its data is held by only one friend, {} by none",
                 match h.friends_holding_all {
@@ -604,7 +617,11 @@ fn percent(part: u64, whole: u64) -> String {
 }
 
 fn health_json(h: &obnam_protocol::control::SnapshotHealth) -> serde_json::Value {
+    if h.unknown {
+        return json!({"unknown": true});
+    }
     json!({
+        "unknown": false,
         "friends_holding_all": h.friends_holding_all, "pack_bytes": h.pack_bytes,
         "single_friend_share": share(h.single_friend_bytes, h.pack_bytes),
         "unheld_share": share(h.unheld_bytes, h.pack_bytes),

@@ -187,6 +187,69 @@ fn lost_and_rotten_packs_are_found_by_audits_and_repaired() -> TestResult {
     Ok(())
 }
 
+/// The health of each snapshot in `snapshots --json`, oldest first: (friends holding all of
+/// it, share held by nobody, sealed bytes).
+fn snapshot_health(a: &Node) -> anyhow::Result<Vec<(u64, f64, u64)>> {
+    let snaps = a.json(&["snapshots"], 0)?;
+    snaps
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("not a list: {snaps}"))?
+        .iter()
+        .map(|s| {
+            let h = &s["health"];
+            anyhow::ensure!(h["unknown"] == false, "unknown health: {snaps}");
+            Ok((
+                h["friends_holding_all"].as_u64().unwrap_or(99),
+                h["unheld_share"].as_f64().unwrap_or(-1.0),
+                h["pack_bytes"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn snapshot_health_counts_exactly_the_packs_each_snapshot_uses() -> TestResult {
+    let dir = crate::util::tempdir("obnam-audit-")?;
+    let off = "audits_per_day = 0\n";
+    let a = node(dir.path(), "a", &format!("replicas = 1\n{off}"))?;
+    let mut b = node(dir.path(), "b", off)?;
+    befriend_all(&[&a, &b])?;
+    a.init("alice")?;
+    let x = dir.path().join("x");
+    let y = dir.path().join("y");
+    std::fs::create_dir_all(&x)?;
+    std::fs::create_dir_all(&y)?;
+    std::fs::write(x.join("big.bin"), noise(10 << 20, 21))?;
+    std::fs::write(y.join("other.bin"), noise(3 << 20, 22))?;
+    a.backup(&[&x], &[], 0)?;
+    // B goes away: what A backs up now stays in its outbox, held by nobody.
+    b.stop();
+    a.backup(&[&y], &["--timeout", "2s"], 4)?;
+    let h = snapshot_health(&a)?;
+    assert_eq!((h[0].0, h[0].1), (1, 0.0), "B holds all of X: {h:?}");
+    // The snapshot of Y uses none of X's packs, though they were written before it.
+    assert_eq!((h[1].0, h[1].1), (0, 1.0), "nobody holds Y: {h:?}");
+    assert!(h[1].2 < h[0].2 / 2, "Y's packs only: {h:?}");
+    // A snapshot of both uses X's packs (held) and Y's (not).
+    a.backup(&[&x, &y], &["--timeout", "2s"], 4)?;
+    let h = snapshot_health(&a)?;
+    assert_eq!(h[2].0, 0, "{h:?}");
+    assert!(h[2].1 > 0.0 && h[2].1 < 0.5, "{h:?}");
+    assert!(h[2].2 > h[0].2 && h[2].2 > h[1].2, "{h:?}");
+    let s = a.status()?;
+    assert_eq!(
+        s["latest_snapshot_health"]["pack_bytes"].as_u64(),
+        Some(h[2].2),
+        "{s}"
+    );
+    // B is back and takes the rest: every snapshot is held in full.
+    b.start()?;
+    wait_until("B holds every snapshot", Duration::from_secs(60), || {
+        Ok(snapshot_health(&a)?.iter().all(|h| h.0 == 1 && h.1 == 0.0))
+    })?;
+    Ok(())
+}
+
 #[test]
 fn verify_without_friends_or_owner_is_a_clear_error() -> TestResult {
     let dir = crate::util::tempdir("obnam-audit-")?;

@@ -56,7 +56,7 @@ fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult
     b.stop();
 
     // 3. A new node with the name, the passphrase and C's ticket only.
-    let a2 = node(dir.path(), "a2", "")?;
+    let a2 = node(dir.path(), "a2", "presence_interval_secs = 1\n")?;
     a2.add_peer(&c, &[])?;
     let wrong = a2
         .command(&["init", "--recover", "--name", "alice", "--json"])
@@ -86,6 +86,26 @@ fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult
         0,
     )?;
     compare_trees(&src, &restored(&target, &src), &[])?;
+    // Recovered snapshots come without pack sets: the node reads their trees for them, and
+    // then C holds all of each.
+    wait_until(
+        "the recovered snapshots' health",
+        Duration::from_secs(60),
+        || {
+            let snaps = a2.json(&["snapshots"], 0)?;
+            Ok(snaps.as_array().is_some_and(|l| {
+                l.iter().all(|s| {
+                    s["health"]["unknown"] == false && s["health"]["friends_holding_all"] == 1
+                })
+            }))
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}", a2.log()))?;
+    assert!(
+        a2.log().contains("worked out from its trees"),
+        "{}",
+        a2.log()
+    );
     // Audits work with no local copy of anything: only pack ids and lengths from the friend.
     let v = a2.json(&["verify"], 0)?;
     assert!(v["passed"].as_u64().unwrap() >= 1, "{v}");

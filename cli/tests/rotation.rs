@@ -29,7 +29,11 @@ fn hosted(n: &Node) -> anyhow::Result<Vec<String>> {
 #[test]
 fn keys_rotate_re_encrypts_everything_and_friends_forget_the_old_key() -> TestResult {
     let dir = crate::util::tempdir("obnam-rotate-")?;
-    let a = node(dir.path(), "a", "replicas = 2\n")?;
+    let a = node(
+        dir.path(),
+        "a",
+        "replicas = 2\npresence_interval_secs = 1\n",
+    )?;
     let b = node(dir.path(), "b", "")?;
     let c = node(dir.path(), "c", "")?;
     befriend_all(&[&a, &b, &c])?;
@@ -88,6 +92,20 @@ fn keys_rotate_re_encrypts_everything_and_friends_forget_the_old_key() -> TestRe
         assert!(owners.contains(&new_owner), "{}: {owners:?}", f.name);
     }
     assert!(b.log().contains("retired"), "B logs the retirement");
+    // The rotated snapshots' pack sets come from their trees: both friends hold all of each.
+    wait_until(
+        "the rotated snapshots' health",
+        Duration::from_secs(60),
+        || {
+            let snaps = a.json(&["snapshots"], 0)?;
+            Ok(snaps.as_array().is_some_and(|l| {
+                l.iter().all(|s| {
+                    s["health"]["unknown"] == false && s["health"]["friends_holding_all"] == 2
+                })
+            }))
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
 
     // The next backup deduplicates against the rotated data.
     let again = a.backup(&[&src], &[], 0)?;

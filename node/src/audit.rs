@@ -15,7 +15,8 @@
 //!   by `status` and `peer list`), and the pack no longer counts as held there, so replication
 //!   repairs it. A friend that is offline is not failed; it is audited when it is back;
 //! - every `presence_interval_secs` it notes which friends are connected, for the online share
-//!   over 30 days.
+//!   over 30 days, and works out the pack sets of snapshots that have none yet
+//!   ([`crate::health::fill`]).
 //!
 //! A failed audit never bans the friend: its other copies still count, and it is audited again.
 
@@ -25,10 +26,11 @@ use crate::peers;
 use crate::replication::Replicator;
 use crate::repo::{Repo, now_ns};
 use libp2p::PeerId;
-use obnam_protocol::PackId;
 use obnam_protocol::audit::{self, Challenge};
 use obnam_protocol::local::{Friend, MAX_REASON, MAX_UNANSWERED};
 use obnam_protocol::msg::{ErrorCode, Request, Response};
+use obnam_protocol::{PackId, SnapshotId};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,7 +178,15 @@ pub struct Auditor {
     repo: Repo,
     net: Net,
     replicator: Arc<Replicator>,
+    /// Whether a [`crate::health::fill`] is running.
+    filling: Arc<std::sync::atomic::AtomicBool>,
+    /// Snapshots whose pack set could not be worked out, and when: retried after
+    /// [`FILL_RETRY`].
+    fill_failed: Arc<std::sync::Mutex<HashMap<SnapshotId, std::time::Instant>>>,
 }
+
+/// How long a snapshot whose trees could not be read waits before the next try.
+const FILL_RETRY: Duration = Duration::from_secs(3600);
 
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
@@ -191,6 +201,8 @@ impl Auditor {
             repo,
             net,
             replicator,
+            filling: Arc::default(),
+            fill_failed: Arc::default(),
         })
     }
 
@@ -213,9 +225,43 @@ impl Auditor {
                     if let Err(e) = self.note_presence(presence) {
                         tracing::warn!(error = %e.full_message(), "noting friends' presence");
                     }
+                    self.start_fill();
                 }
             }
         }
+    }
+
+    /// Starts working out missing snapshot pack sets on a blocking thread, unless that is
+    /// already running.
+    fn start_fill(&self) {
+        use std::sync::atomic::Ordering;
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let repo = self.repo.clone();
+        let filling = Arc::clone(&self.filling);
+        let failed = Arc::clone(&self.fill_failed);
+        tokio::task::spawn_blocking(move || {
+            let skip: HashSet<SnapshotId> = {
+                let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                f.retain(|_, at| at.elapsed() < FILL_RETRY);
+                f.keys().copied().collect()
+            };
+            match crate::health::fill(&repo, &skip) {
+                Ok((_, errors)) => {
+                    let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                    for (id, e) in errors {
+                        tracing::warn!(snapshot = %id.short(), error = %e.full_message(), "cannot work out which packs the snapshot uses; retrying in an hour");
+                        f.insert(id, std::time::Instant::now());
+                    }
+                }
+                Err(NodeError::NotInitialized) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e.full_message(), "working out snapshots' pack sets");
+                }
+            }
+            filling.store(false, Ordering::Release);
+        });
     }
 
     fn note_presence(&self, every: Duration) -> Result<(), NodeError> {
@@ -578,59 +624,6 @@ fn check_chunks(
         n += 1;
     }
     Ok(n)
-}
-
-/// How well `friends` (peer id bytes: those whose copies count) hold each snapshot, oldest
-/// first (see
-/// [`SnapshotHealth`](obnam_protocol::control::SnapshotHealth)). A snapshot's packs are taken to
-/// be every pack written before the next snapshot's backup started (backups run one at a time):
-/// the friend count never overstates, and the shares are over that same set of packs (packs the
-/// snapshot does not use can dilute them).
-///
-/// # Errors
-/// Database errors.
-pub fn snapshot_health(
-    repo: &Repo,
-    friends: &[Vec<u8>],
-) -> Result<Vec<obnam_protocol::control::SnapshotHealth>, NodeError> {
-    use obnam_protocol::control::SnapshotHealth;
-    let mut snaps: Vec<i64> = repo
-        .store
-        .snapshots()?
-        .iter()
-        .map(|(_, r)| r.time_ns)
-        .collect();
-    snaps.sort_unstable();
-    let mut packs = repo.store.packs()?;
-    packs.sort_by_key(|(_, r)| r.created_ns);
-    let mut held = vec![0u64; friends.len()];
-    let mut acc = SnapshotHealth::default();
-    let mut count = 0u64;
-    let mut next = packs.into_iter().peekable();
-    let mut out = Vec::with_capacity(snaps.len());
-    for (i, _) in snaps.iter().enumerate() {
-        let cutoff = snaps.get(i + 1).copied().unwrap_or(i64::MAX);
-        while let Some((id, rec)) = next.next_if(|(_, r)| r.created_ns < cutoff) {
-            let holders = repo.store.holders(&id)?;
-            let mut n = 0;
-            for (j, f) in friends.iter().enumerate() {
-                if holders.contains(f) {
-                    held[j] += 1;
-                    n += 1;
-                }
-            }
-            count += 1;
-            acc.pack_bytes += rec.len;
-            match n {
-                0 => acc.unheld_bytes += rec.len,
-                1 => acc.single_friend_bytes += rec.len,
-                _ => {}
-            }
-        }
-        acc.friends_holding_all = held.iter().filter(|h| **h == count).count() as u32;
-        out.push(acc);
-    }
-    Ok(out)
 }
 
 type Targets = (

@@ -35,8 +35,9 @@ use obnam_protocol::local::{CachedFile, DirCache, FileStat, PackRecord, dir_cach
 use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
 use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
 use obnam_protocol::tree::{Entry, EntryKind, Tree};
-use obnam_protocol::{ChunkId, SnapshotId};
+use obnam_protocol::{ChunkId, PackId, SnapshotId};
 use serde_bytes::ByteBuf;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::Metadata;
 use std::io::Read;
@@ -200,11 +201,11 @@ pub fn backup(
             std::mem::take(&mut walker.problems),
         ))
     })?;
-    let ((record, cached_files, problems), new_bytes, stored_bytes) = outcome;
+    let ((record, cached_files, problems), new_bytes, stored_bytes, packs) = outcome;
     // The record travels sealed inside the signed head, not in a pack, so an unchanged backup
     // adds no pack. Its id is the keyed hash of its encoding.
     let id = SnapshotId::from(keys.chunk_id(&record.to_bytes()));
-    let head_seq = repo.commit_snapshot(&keys, id, &record)?;
+    let head_seq = repo.commit_snapshot(&keys, id, &record, Some(&packs))?;
     tracing::info!(snapshot = %id, files = record.files, bytes = record.bytes, new_bytes, stored_bytes, "backup done");
     Ok(BackupReport {
         snapshot: id,
@@ -224,7 +225,9 @@ pub fn backup(
 
 /// Runs `body` with a [`Sink`] that feeds the pipeline (seal workers, packer, pack writer), then
 /// closes the pipeline and waits until every pack is durable and indexed. Returns what `body`
-/// returned, the plaintext bytes of new chunks, and the sealed bytes written to the outbox.
+/// returned, the plaintext bytes of new chunks, the sealed bytes written to the outbox, and
+/// every pack that holds a chunk `body` put in the sink (found in the index, or written now),
+/// sorted: the snapshot's pack set. The set holds 32 bytes per pack (4 MiB per TiB of packs).
 ///
 /// # Errors
 /// The first error of `body` or of a pipeline stage.
@@ -233,7 +236,7 @@ pub(crate) fn with_pipeline<T>(
     keys: &Keys,
     params: ChunkerParams,
     body: impl FnOnce(&mut Sink<'_>) -> Result<T, NodeError>,
-) -> Result<(T, u64, u64), NodeError> {
+) -> Result<(T, u64, u64, Vec<PackId>), NodeError> {
     let threads = repo.config.seal_threads();
     let shared = Shared {
         pending: Mutex::new(HashSet::new()),
@@ -264,10 +267,12 @@ pub(crate) fn with_pipeline<T>(
             jobs: Some(job_tx),
             shared,
             new_bytes: 0,
+            used: RefCell::new(HashSet::new()),
         };
         let produced = body(&mut sink);
         // Close the pipeline and wait for every pack to be durable and indexed.
         let new_bytes = sink.new_bytes;
+        let used = sink.used.take();
         drop(sink);
         let packed = packer
             .join()
@@ -278,7 +283,12 @@ pub(crate) fn with_pipeline<T>(
         match (produced, packed, written) {
             (_, Err(e), _) | (_, _, Err(e)) => Err(e),
             (Err(e), _, _) => Err(e),
-            (Ok(out), Ok(()), Ok(stored)) => Ok((out, new_bytes, stored)),
+            (Ok(out), Ok(()), Ok((stored, written))) => {
+                let mut packs: Vec<PackId> = used.into_iter().chain(written).collect();
+                packs.sort_unstable();
+                packs.dedup();
+                Ok((out, new_bytes, stored, packs))
+            }
         }
     })
 }
@@ -292,15 +302,24 @@ pub(crate) struct Sink<'a> {
     jobs: Option<SyncSender<Job>>,
     shared: &'a Shared,
     new_bytes: u64,
+    /// Packs of the indexed chunks asked about (see [`Sink::known`]).
+    used: RefCell<HashSet<PackId>>,
 }
 
 impl Sink<'_> {
-    /// Whether a chunk is indexed or on its way to disk.
+    /// Whether a chunk is indexed or on its way to disk. An indexed chunk's pack joins the
+    /// packs this pipeline's output uses.
     pub(crate) fn known(&self, id: &ChunkId) -> Result<bool, NodeError> {
         if self.shared.pending().contains(id) {
             return Ok(true);
         }
-        Ok(self.repo.store.chunk(id)?.is_some())
+        match self.repo.store.chunk(id)? {
+            Some(loc) => {
+                self.used.borrow_mut().insert(loc.pack);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Whether a pipeline stage failed.
@@ -414,11 +433,16 @@ fn packer(
     Ok(())
 }
 
-fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u64, NodeError> {
+fn writer(
+    repo: &Repo,
+    rx: Receiver<FinishedPack>,
+    shared: &Shared,
+) -> Result<(u64, Vec<PackId>), NodeError> {
     let result = (|| {
         let mut used = repo.store.outbox_usage()?.bytes;
         let max = repo.config.outbox_max_bytes;
         let mut stored = 0u64;
+        let mut written = Vec::new();
         for pack in rx {
             let need = pack.bytes.len() as u64;
             if used + need > max {
@@ -440,12 +464,13 @@ fn writer(repo: &Repo, rx: Receiver<FinishedPack>, shared: &Shared) -> Result<u6
             drop(pending);
             used += need;
             stored += need;
+            written.push(pack.id);
             if let Some(remote) = repo.remote.get() {
                 remote.packs_ready.notify_one();
             }
             tracing::debug!(pack = %pack.id, bytes = need, chunks = chunks.len(), "pack written");
         }
-        Ok(stored)
+        Ok((stored, written))
     })();
     if result.is_err() {
         shared.abort.store(true, Ordering::SeqCst);

@@ -235,7 +235,7 @@ async fn dispatch(
             let mut records = repo.store.snapshots()?;
             records.sort_by_key(|(_, r)| r.time_ns);
             let counted = replicator.counted_friends()?;
-            let health = crate::audit::snapshot_health(&repo, &counted)?;
+            let health = crate::health::snapshot_health(&repo, &counted)?;
             let list = records
                 .into_iter()
                 .zip(health)
@@ -481,7 +481,7 @@ async fn dispatch(
                             })
                         })
                         .collect::<Result<_, NodeError>>()?,
-                    latest_snapshot_health: crate::audit::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().copied().map(Box::new),
+                    latest_snapshot_health: crate::health::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().copied().map(Box::new),
                 }))
             })
             .await

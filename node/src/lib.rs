@@ -35,6 +35,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod exclude;
+pub mod health;
 pub mod keys;
 pub mod net;
 pub mod outbox;

@@ -298,7 +298,7 @@ impl Repo {
     }
 
     /// Records a snapshot: builds the next head (sequence + 1, chained to the current one), signs
-    /// it, and commits snapshot and head together.
+    /// it, and commits snapshot, head and (if known) the packs the snapshot uses together.
     ///
     /// # Errors
     /// Database or key errors.
@@ -307,6 +307,7 @@ impl Repo {
         keys: &Keys,
         id: SnapshotId,
         record: &SnapshotRecord,
+        packs: Option<&[obnam_protocol::PackId]>,
     ) -> Result<u64, NodeError> {
         let owner_id = keys.owner_id();
         let (seq, prev, mut body) = match self.head_body(keys)? {
@@ -355,7 +356,7 @@ impl Repo {
             signature,
         };
         self.store
-            .commit_snapshot(&id, record, &signed.to_bytes())?;
+            .commit_snapshot(&id, record, &signed.to_bytes(), packs)?;
         Ok(seq)
     }
 

@@ -117,7 +117,7 @@ pub fn rotate(repo: &Repo, passphrase: &str) -> Result<Rotated, NodeError> {
             valid,
             buffer: HashMap::new(),
         };
-        let (root, nb, sb) = with_pipeline(&next, &new.keys, record.chunker, |sink| {
+        let (root, nb, sb, _) = with_pipeline(&next, &new.keys, record.chunker, |sink| {
             let root = rw.tree(sink, &record.root)?;
             rw.flush()?;
             Ok(root)
@@ -131,7 +131,9 @@ pub fn rotate(repo: &Repo, passphrase: &str) -> Result<Rotated, NodeError> {
         };
         let new_id = SnapshotId::from(new.keys.chunk_id(&new_record.to_bytes()));
         if !next.store.snapshots()?.iter().any(|(id, _)| *id == new_id) {
-            next.commit_snapshot(&new.keys, new_id, &new_record)?;
+            // Pack sets belong to the current generation only; after the switch they come from
+            // the trees (see `obnam_store::packsets`).
+            next.commit_snapshot(&new.keys, new_id, &new_record, None)?;
         }
         repo.store
             .put_memos(stamp, &[(done_key, new_id.as_bytes().to_vec())])?;

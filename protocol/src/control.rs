@@ -446,11 +446,13 @@ pub struct SnapshotInfo {
     pub health: SnapshotHealth,
 }
 
-/// How well friends hold a snapshot's packs. Counted over every pack written up to the
-/// snapshot's backup (the packs it may reference), so a friend that lacks any of them is not
-/// counted: a conservative figure.
+/// How well friends hold a snapshot's packs: exactly the packs that hold its chunks and trees,
+/// as the backup recorded them (or, after a recovery or key rotation, as its trees say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct SnapshotHealth {
+    /// The snapshot's packs are not known yet (a recovered or rotated snapshot whose trees the
+    /// node has not read yet, or could not read); the figures below are then all zero.
+    pub unknown: bool,
     /// Friends that hold every one of those packs.
     pub friends_holding_all: u32,
     /// Sealed bytes of those packs.

@@ -23,7 +23,7 @@ use crate::ids::{ChunkId, OwnerId, PackId, SnapshotId};
 use crate::keyslot::{KeySlot, SecretsFile};
 use crate::local::{
     CHUNK_LOC_LEN, ChunkLoc, DirCache, FileStat, Friend, FriendHealth, HostedOwner, PackRecord,
-    PeerState,
+    PackSetDelta, PeerState,
 };
 use crate::msg::{self, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_HEADER};
 use crate::pack::{PackIndex, PackTrailer, TRAILER_LEN, chunk_locations};
@@ -430,12 +430,13 @@ pub fn audit_proof(data: &[u8]) -> Result<(), String> {
 /// `local_records`: the records a node keeps in its own redb index, as read back from disk.
 /// Selector 0: [`PackRecord`]; 1: [`Friend`]; 2: [`HostedOwner`]; 3: [`FriendHealth`] (then
 /// its presence is updated and summed, as the auditor does); 4: [`PeerState`]; 5: [`DirCache`]
-/// (then a file is looked up in it); 6: [`ChunkLoc`] (fixed length).
+/// (then a file is looked up in it); 6: [`ChunkLoc`] (fixed length); 7: [`PackSetDelta`] (then
+/// applied to a set, as the health figures do).
 ///
 /// # Errors
 /// The decoder's message.
 pub fn local_records(data: &[u8]) -> Result<(), String> {
-    match split_selector(data, 7) {
+    match split_selector(data, 8) {
         (0, body) => {
             let r = PackRecord::from_bytes(body).map_err(text)?;
             assert_eq!(PackRecord::from_bytes(&r.to_bytes()).as_ref(), Ok(&r));
@@ -474,6 +475,15 @@ pub fn local_records(data: &[u8]) -> Result<(), String> {
                 };
                 let _ = r.lookup(&f.name, &stat);
             }
+        }
+        (7, body) => {
+            let r = PackSetDelta::from_bytes(body).map_err(text)?;
+            assert_eq!(PackSetDelta::from_bytes(&r.to_bytes()).as_ref(), Ok(&r));
+            let mut set = r.removed.clone();
+            set.sort_unstable();
+            set.dedup();
+            r.apply(&mut set);
+            assert!(set.windows(2).all(|w| w[0] < w[1]));
         }
         (_, body) => {
             let b: &[u8; CHUNK_LOC_LEN] = body.try_into().map_err(|_| {

@@ -1,7 +1,7 @@
 //! Records a node keeps in its own redb index (never sent to anyone).
 
 use crate::codec::{DecodeError, decode_versioned, encode_versioned};
-use crate::ids::PackId;
+use crate::ids::{PackId, SnapshotId};
 use serde::{Deserialize, Serialize};
 
 /// Where a chunk of ours is: its pack, and the sealed chunk's offset and length in it.
@@ -281,9 +281,113 @@ impl PeerState {
     }
 }
 
+/// Which packs one snapshot uses (`snapshot-packs-0`), as the change from the snapshot just
+/// before it. `base` names that snapshot; `None` means `added` is the whole set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PackSetDelta {
+    /// The snapshot this one is a change from, or `None` for a whole set.
+    pub base: Option<SnapshotId>,
+    /// Packs this snapshot uses that `base` does not, sorted.
+    pub added: Vec<PackId>,
+    /// Packs `base` uses that this snapshot does not, sorted.
+    pub removed: Vec<PackId>,
+}
+
+/// Largest encoded [`PackSetDelta`]: two million packs (16 TiB of 8 MiB packs).
+pub const MAX_PACK_SET_DELTA: usize = 2_000_000 * 32 + 64;
+
+impl PackSetDelta {
+    /// Encodes the record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+    /// Decodes the record.
+    ///
+    /// # Errors
+    /// A bounded [`DecodeError`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_versioned("snapshot pack set", bytes, MAX_PACK_SET_DELTA)
+    }
+
+    /// The change that turns `base_set` (the packs of `base`, or nothing) into `set`; both sorted
+    /// and without duplicates.
+    pub fn between(base: Option<(SnapshotId, &[PackId])>, set: &[PackId]) -> Self {
+        let Some((id, old)) = base else {
+            return Self {
+                base: None,
+                added: set.to_vec(),
+                removed: Vec::new(),
+            };
+        };
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < set.len() {
+            match (old.get(i), set.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a < b => {
+                    removed.push(*a);
+                    i += 1;
+                }
+                (Some(a), None) => {
+                    removed.push(*a);
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    added.push(*b);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        Self {
+            base: Some(id),
+            added,
+            removed,
+        }
+    }
+
+    /// Applies the change to `set` (sorted, without duplicates; the base's packs).
+    pub fn apply(&self, set: &mut Vec<PackId>) {
+        if self.base.is_none() {
+            set.clear();
+        }
+        set.retain(|p| self.removed.binary_search(p).is_err());
+        set.extend_from_slice(&self.added);
+        set.sort_unstable();
+        set.dedup();
+    }
+}
+
 #[cfg(test)]
 mod friend_tests {
     use super::*;
+
+    #[test]
+    fn pack_set_deltas_rebuild_the_set() {
+        let p = |b: u8| PackId([b; 32]);
+        let a = vec![p(1), p(2), p(5)];
+        let b = vec![p(2), p(3), p(5), p(9)];
+        let whole = PackSetDelta::between(None, &a);
+        assert_eq!(whole.added, a);
+        let d = PackSetDelta::between(Some((SnapshotId([7; 32]), &a)), &b);
+        assert_eq!(d.base, Some(SnapshotId([7; 32])));
+        assert_eq!(d.added, vec![p(3), p(9)]);
+        assert_eq!(d.removed, vec![p(1)]);
+        let mut set = Vec::new();
+        whole.apply(&mut set);
+        assert_eq!(set, a);
+        d.apply(&mut set);
+        assert_eq!(set, b);
+        let back = PackSetDelta::from_bytes(&d.to_bytes()).unwrap();
+        assert_eq!(back, d);
+        assert!(PackSetDelta::from_bytes(&[1, 1]).is_err());
+        // A whole set replaces whatever was there.
+        whole.apply(&mut set);
+        assert_eq!(set, a);
+    }
 
     #[test]
     fn presence_keeps_thirty_days_and_counts_the_online_share() {

@@ -18,7 +18,7 @@ use obnam_protocol::fuzzing::{self, PROVER, VERIFIER, with_selector};
 use obnam_protocol::ids::{ChunkId, LookupId, OwnerId, PackId, SnapshotId};
 use obnam_protocol::keyslot::{KeySlot, SecretsFile};
 use obnam_protocol::local::{
-    CachedFile, ChunkLoc, DayPresence, DirCache, FriendHealth, PackRecord,
+    CachedFile, ChunkLoc, DayPresence, DirCache, FriendHealth, PackRecord, PackSetDelta,
 };
 use obnam_protocol::msg::{
     self, OwnerProof, Request, Response, StreamReply, StreamRequest, SuccessorStatement,
@@ -405,6 +405,18 @@ fn valid(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 ("valid-friend-health", with_selector(3, &health.to_bytes())),
                 ("valid-dir-cache", with_selector(5, &cache.to_bytes())),
                 ("valid-chunk-loc", with_selector(6, &loc.to_bytes())),
+                (
+                    "valid-pack-set-delta",
+                    with_selector(
+                        7,
+                        &PackSetDelta {
+                            base: Some(SnapshotId([4; 32])),
+                            added: vec![PackId([1; 32]), PackId([2; 32])],
+                            removed: vec![PackId([3; 32])],
+                        }
+                        .to_bytes(),
+                    ),
+                ),
             ]
         }
         "key_slot" => vec![

@@ -342,6 +342,11 @@ mod tests {
         let mut back = [0u8; 5];
         c.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hello");
+        // The proxy counts a write after it is made: the echo can arrive first.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while proxy.stats().bytes < 10 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let s = proxy.stats();
         assert_eq!((s.connections, s.bytes, s.faults()), (1, 10, 0));
     }

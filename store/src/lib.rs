@@ -9,6 +9,7 @@
 //! | `snapshots-0` | snapshot id → encoded [`SnapshotRecord`] | our snapshots |
 //! | `meta-0` | name → bytes | the signed head, the schema version |
 //! | `files-0` | directory key → [`DirCache`] | the file cache: what the last backup saw of each file |
+//! | `snapshot-packs-0` | snapshot id → [`PackSetDelta`](obnam_protocol::local::PackSetDelta) | which packs each snapshot uses ([`packsets`]) |
 //!
 //! Pack bodies never go into redb: they are files in the outbox beside it, because redb stores
 //! large values at 1.5–2.5× their size (see `../shared/DEPS.md`).
@@ -21,9 +22,11 @@
 
 mod error;
 pub mod hosted;
+pub mod packsets;
 
 pub use error::StoreError;
 pub use hosted::{Binding, HeadOutcome, PutOutcome, RetireOutcome, TakeoverOutcome};
+pub use packsets::{PackChange, PackSets};
 
 use obnam_protocol::local::{CHUNK_LOC_LEN, ChunkLoc, DirCache, PackRecord};
 use obnam_protocol::snapshot::SnapshotRecord;
@@ -141,6 +144,11 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether this is the current key generation (not the one `keys rotate` builds).
+    pub(crate) fn is_current(&self) -> bool {
+        std::ptr::eq(self.own, &CURRENT)
+    }
+
     fn init_tables(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
@@ -152,6 +160,7 @@ impl Store {
             tx.open_table(NEXT.snapshots)?;
             tx.open_table(FILES)?;
             tx.open_table(MEMO)?;
+            tx.open_table(packsets::SNAPSHOT_PACKS)?;
             tx.open_table(hosted::FRIENDS)?;
             tx.open_table(hosted::RETIRED)?;
             tx.open_table(hosted::OWNERS)?;
@@ -281,23 +290,31 @@ impl Store {
         Ok(usage)
     }
 
-    /// Records a snapshot and the head that lists it, in one transaction. Call only after every
-    /// chunk the snapshot references is committed.
+    /// Records a snapshot, the head that lists it and, if given, the packs it uses (see
+    /// [`packsets`]), in one transaction. Call only after every chunk the snapshot references
+    /// is committed.
     ///
     /// # Errors
-    /// [`StoreError::Db`].
+    /// [`StoreError::Db`], or [`StoreError::Corrupt`] for an undecodable snapshot record.
     pub fn commit_snapshot(
         &self,
         id: &SnapshotId,
         record: &SnapshotRecord,
         signed_head: &[u8],
+        packs: Option<&[PackId]>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
             let mut snaps = tx.open_table(self.own.snapshots)?;
             snaps.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+            drop(snaps);
             let mut meta = tx.open_table(META)?;
             meta.insert(self.own.head, signed_head)?;
+            if let Some(packs) = packs
+                && self.is_current()
+            {
+                self.put_pack_set(&tx, *id, packs)?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -478,6 +495,7 @@ impl Store {
             drop(m);
             tx.open_table(FILES)?.retain(|_, _| false)?;
             tx.open_table(MEMO)?.retain(|_, _| false)?;
+            Self::clear_pack_sets(&tx)?;
             tx.delete_multimap_table(hosted::PLACEMENT)?;
             tx.open_multimap_table(hosted::PLACEMENT)?;
             tx.delete_multimap_table(hosted::SUSPECT)?;
@@ -640,8 +658,8 @@ mod tests {
     }
 
     fn snapshots_are_ordered(store: &Store) -> TestResult {
-        store.commit_snapshot(&SnapshotId([1; 32]), &record(20), b"head1")?;
-        store.commit_snapshot(&SnapshotId([2; 32]), &record(10), b"head2")?;
+        store.commit_snapshot(&SnapshotId([1; 32]), &record(20), b"head1", None)?;
+        store.commit_snapshot(&SnapshotId([2; 32]), &record(10), b"head2", None)?;
         let ids: Vec<_> = store.snapshots()?.into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, vec![SnapshotId([2; 32]), SnapshotId([1; 32])]);
         assert_eq!(store.own_head()?, Some(b"head2".to_vec()));
@@ -695,7 +713,7 @@ mod tests {
         let path = dir.path().join("s.redb");
         let store = Store::open(&path, &StoreOptions::default())?;
         index_and_outbox(&store)?;
-        store.commit_snapshot(&SnapshotId([1; 32]), &record(1), b"old head")?;
+        store.commit_snapshot(&SnapshotId([1; 32]), &record(1), b"old head", None)?;
         store.add_placement(&PackId([1; 32]), b"friend")?;
         store.update_peer_state(b"friend", |s| s.head_seq = 9)?;
         let next = store.next_generation();
@@ -708,7 +726,7 @@ mod tests {
             in_outbox: true,
         };
         next.commit_pack(&PackId([5; 32]), &rec, &[(ChunkId([6; 32]), loc(5, 0))])?;
-        next.commit_snapshot(&SnapshotId([2; 32]), &record(2), b"new head")?;
+        next.commit_snapshot(&SnapshotId([2; 32]), &record(2), b"new head", None)?;
         assert!(store.next_generation_started()?);
         store.put_memos(1, &[([1; 32], vec![1])])?;
         store.put_memos(2, &[([2; 32], vec![2])])?;
