@@ -180,9 +180,36 @@ pub struct Auditor {
     replicator: Arc<Replicator>,
     /// Whether a [`crate::health::fill`] is running.
     filling: Arc<std::sync::atomic::AtomicBool>,
+    /// Recoveries and index rebuilds under way: no fill starts meanwhile.
+    fill_holds: Arc<std::sync::atomic::AtomicUsize>,
     /// Snapshots whose pack set could not be worked out, and when: retried after
     /// [`FILL_RETRY`].
     fill_failed: Arc<std::sync::Mutex<HashMap<SnapshotId, std::time::Instant>>>,
+}
+
+/// A hold on [`Auditor`]'s pack-set fill (see [`Auditor::hold_fill`]).
+pub struct FillHold {
+    holds: Arc<std::sync::atomic::AtomicUsize>,
+    failed: Arc<std::sync::Mutex<HashMap<SnapshotId, std::time::Instant>>>,
+}
+
+impl Drop for FillHold {
+    fn drop(&mut self) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.holds.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Marks a fill as running while it lives.
+struct Running(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// How long a snapshot whose trees could not be read waits before the next try.
@@ -202,6 +229,7 @@ impl Auditor {
             net,
             replicator,
             filling: Arc::default(),
+            fill_holds: Arc::default(),
             fill_failed: Arc::default(),
         })
     }
@@ -231,17 +259,31 @@ impl Auditor {
         }
     }
 
+    /// Keeps [`crate::health::fill`] from starting until the hold is dropped (a recovery or an
+    /// index rebuild is filling the index); then snapshots that failed are tried again at once.
+    pub fn hold_fill(&self) -> FillHold {
+        self.fill_holds
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        FillHold {
+            holds: Arc::clone(&self.fill_holds),
+            failed: Arc::clone(&self.fill_failed),
+        }
+    }
+
     /// Starts working out missing snapshot pack sets on a blocking thread, unless that is
-    /// already running.
+    /// already running or held.
     fn start_fill(&self) {
         use std::sync::atomic::Ordering;
-        if self.filling.swap(true, Ordering::AcqRel) {
+        if self.fill_holds.load(Ordering::Acquire) > 0 || self.filling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let repo = self.repo.clone();
         let filling = Arc::clone(&self.filling);
         let failed = Arc::clone(&self.fill_failed);
         tokio::task::spawn_blocking(move || {
+            // Cleared however the closure ends, a panic included.
+            let _running = Running(filling);
             let skip: HashSet<SnapshotId> = {
                 let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
                 f.retain(|_, at| at.elapsed() < FILL_RETRY);
@@ -260,7 +302,6 @@ impl Auditor {
                     tracing::warn!(error = %e.full_message(), "working out snapshots' pack sets");
                 }
             }
-            filling.store(false, Ordering::Release);
         });
     }
 

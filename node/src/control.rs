@@ -235,11 +235,11 @@ async fn dispatch(
             let mut records = repo.store.snapshots()?;
             records.sort_by_key(|(_, r)| r.time_ns);
             let counted = replicator.counted_friends()?;
-            let health = crate::health::snapshot_health(&repo, &counted)?;
+            let health: std::collections::HashMap<_, _> =
+                crate::health::snapshot_health(&repo, &counted)?.into_iter().collect();
             let list = records
                 .into_iter()
-                .zip(health)
-                .map(|((id, r), health)| SnapshotInfo {
+                .map(|(id, r)| SnapshotInfo {
                     id,
                     time_ns: r.time_ns,
                     host: r.host.clone(),
@@ -247,7 +247,7 @@ async fn dispatch(
                     tags: r.tags.clone(),
                     files: r.files,
                     bytes: r.bytes,
-                    health,
+                    health: health.get(&id).copied().unwrap_or_default(),
                 })
                 .collect();
             Ok(Reply::Snapshots(list))
@@ -272,6 +272,8 @@ async fn dispatch(
         }
         Request::PeerAdd(req) => peer_add(daemon, req).await,
         Request::Recover { name, passphrase } => {
+            // Pack sets come from trees once the index is rebuilt, not from a half-built one.
+            let _hold = daemon.auditor.hold_fill();
             blocking(move || {
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
                 let r = crate::recover::recover(&repo, remote, &name, &passphrase)?;
@@ -380,6 +382,7 @@ async fn dispatch(
             .await
         }
         Request::IndexRebuild => {
+            let _hold = daemon.auditor.hold_fill();
             blocking(move || {
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
                 let owner = repo.owner()?;
@@ -481,7 +484,7 @@ async fn dispatch(
                             })
                         })
                         .collect::<Result<_, NodeError>>()?,
-                    latest_snapshot_health: crate::health::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().copied().map(Box::new),
+                    latest_snapshot_health: crate::health::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().map(|(_, h)| Box::new(*h)),
                 }))
             })
             .await

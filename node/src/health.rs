@@ -23,11 +23,14 @@ use std::collections::{HashMap, HashSet};
 const FILL_CACHE_PACKS: usize = 32;
 
 /// How well `friends` (peer id bytes: those whose copies count) hold each snapshot, oldest
-/// first, as [`Store::snapshots`](obnam_store::Store::snapshots) lists them.
+/// first.
 ///
 /// # Errors
 /// Database errors.
-pub fn snapshot_health(repo: &Repo, friends: &[Vec<u8>]) -> Result<Vec<SnapshotHealth>, NodeError> {
+pub fn snapshot_health(
+    repo: &Repo,
+    friends: &[Vec<u8>],
+) -> Result<Vec<(SnapshotId, SnapshotHealth)>, NodeError> {
     // Each pack's length and which of `friends` hold it.
     let mut stats: HashMap<PackId, (u64, Vec<bool>)> = HashMap::new();
     for (id, rec) in repo.store.packs()? {
@@ -38,9 +41,10 @@ pub fn snapshot_health(repo: &Repo, friends: &[Vec<u8>]) -> Result<Vec<SnapshotH
     let nobody = vec![false; friends.len()];
     let mut missing = vec![0i64; friends.len()];
     let mut acc = SnapshotHealth::default();
-    let mut walk = PackSets::default();
+    let chain = repo.store.pack_sets()?;
+    let mut walk = PackSets::new(&chain);
     let mut out = Vec::new();
-    for (id, record) in repo.store.pack_sets()? {
+    for (id, record) in chain {
         let known = walk.step(id, record.as_ref(), |change| {
             let (p, add) = match change {
                 PackChange::Add(p) => (p, true),
@@ -64,17 +68,20 @@ pub fn snapshot_health(repo: &Repo, friends: &[Vec<u8>]) -> Result<Vec<SnapshotH
                 }
             }
         });
-        out.push(if known {
-            SnapshotHealth {
-                friends_holding_all: missing.iter().filter(|m| **m == 0).count() as u32,
-                ..acc
-            }
-        } else {
-            SnapshotHealth {
-                unknown: true,
-                ..SnapshotHealth::default()
-            }
-        });
+        out.push((
+            id,
+            if known {
+                SnapshotHealth {
+                    friends_holding_all: missing.iter().filter(|m| **m == 0).count() as u32,
+                    ..acc
+                }
+            } else {
+                SnapshotHealth {
+                    unknown: true,
+                    ..SnapshotHealth::default()
+                }
+            },
+        ));
     }
     Ok(out)
 }
@@ -83,7 +90,7 @@ pub fn snapshot_health(repo: &Repo, friends: &[Vec<u8>]) -> Result<Vec<SnapshotH
 pub type Filled = (Vec<SnapshotId>, Vec<(SnapshotId, NodeError)>);
 
 /// Works out the pack sets of the snapshots that have none, oldest first, by reading their
-/// trees (from the outbox, or fetched from friends into a private cache that is emptied every
+/// trees. Skipped while the index is known to be incomplete (see [`Repo::check_index`]), (from the outbox, or fetched from friends into a private cache that is emptied every
 /// [`FILL_CACHE_PACKS`] packs). Snapshots in `skip` are left alone. Blocking: call it from a
 /// blocking thread. Returns the snapshots recorded, and those that failed with why (a friend
 /// unreachable, a chunk no pack holds); a failure does not stop the others.
@@ -97,7 +104,7 @@ pub fn fill(repo: &Repo, skip: &HashSet<SnapshotId>) -> Result<Filled, NodeError
         .into_iter()
         .filter(|s| !skip.contains(s))
         .collect();
-    if todo.is_empty() {
+    if todo.is_empty() || repo.check_index().is_err() {
         return Ok((Vec::new(), Vec::new()));
     }
     let owner = repo.owner()?;
@@ -117,10 +124,12 @@ pub fn fill(repo: &Repo, skip: &HashSet<SnapshotId>) -> Result<Filled, NodeError
             .and_then(|packs| Ok(repo.store.set_snapshot_packs(id, &packs)?));
         private.clear_cache();
         match result {
-            Ok(()) => {
+            Ok(true) => {
                 tracing::info!(snapshot = %id.short(), "snapshot's pack set worked out from its trees");
                 done.push(id);
             }
+            // Known by now (a recovery or another fill got there first).
+            Ok(false) => {}
             Err(e) => failed.push((id, e)),
         }
     }
