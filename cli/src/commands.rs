@@ -518,6 +518,7 @@ fn status(g: &Global) -> Result<u8, Failure> {
             "waiting": s.waiting, "hosted_owners": s.hosted_owners, "hosted_bytes": s.hosted_bytes,
             "slot_pending": s.slot_pending, "rotation_pending": s.rotation_pending,
             "latest_snapshot_health": s.latest_snapshot_health.as_deref().map(health_json),
+            "own_pack_bytes": s.own_pack_bytes, "sent_bytes": s.sent_bytes, "repaired_bytes": s.repaired_bytes,
             "friend_health": s.friend_health.iter().map(|f| json!({
                 "peer_id": f.peer_id, "name": f.name, "online": f.online, "audits": audits_json(&f.audits),
             })).collect::<Vec<_>>(),
@@ -564,6 +565,12 @@ fn status(g: &Global) -> Result<u8, Failure> {
             println!("                waiting for {w}");
         }
         println!("bytes waiting:  {} in the outbox", bytes(s.outbox_bytes));
+        println!(
+            "traffic:        {} of packs ({} stored at friends, {} fetched back for repair since start)",
+            bytes(s.own_pack_bytes),
+            bytes(s.sent_bytes),
+            bytes(s.repaired_bytes)
+        );
         println!(
             "hosting:        {} for {} owners",
             bytes(s.hosted_bytes),

@@ -452,7 +452,7 @@ async fn dispatch(
                         }
                     }
                 }
-                Ok(Reply::Status(StatusReply {
+                Ok(Reply::Status(Box::new(StatusReply {
                     data_dir: repo.paths.data.display().to_string(),
                     peer_id,
                     owner_name,
@@ -485,7 +485,10 @@ async fn dispatch(
                         })
                         .collect::<Result<_, NodeError>>()?,
                     latest_snapshot_health: crate::health::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().map(|(_, h)| Box::new(*h)),
-                }))
+                    own_pack_bytes: repo.store.packs()?.iter().map(|(_, r)| r.len).sum(),
+                    sent_bytes: d.replicator.sent_bytes(),
+                    repaired_bytes: d.replicator.repaired_bytes(),
+                })))
             })
             .await
         }

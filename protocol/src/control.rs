@@ -266,7 +266,7 @@ pub enum Reply {
     /// For [`Request::Restore`].
     Restore(RestoreReport),
     /// For [`Request::Status`].
-    Status(StatusReply),
+    Status(Box<StatusReply>),
     /// For [`Request::PeerAdd`].
     PeerAdded(PeerInfo),
     /// For [`Request::PeerList`].
@@ -548,6 +548,12 @@ pub struct StatusReply {
     pub friend_health: Vec<FriendHealthInfo>,
     /// How well friends hold the newest snapshot (none before the first).
     pub latest_snapshot_health: Option<Box<SnapshotHealth>>,
+    /// Sealed bytes of our own packs (what each replica holds).
+    pub own_pack_bytes: u64,
+    /// Bytes of packs stored at friends since the node started (uploads that friends kept).
+    pub sent_bytes: u64,
+    /// Bytes of packs fetched back from friends for repair since the node started.
+    pub repaired_bytes: u64,
 }
 
 /// Encodes a frame: length prefix and postcard body.

@@ -12,11 +12,14 @@
 
 pub mod availability;
 pub mod bench;
+pub mod churn;
+pub mod cluster;
 pub mod correlated;
 pub mod crash;
 pub mod durability;
 pub mod efficacy;
 pub mod plot;
+pub mod policy;
 pub mod proxy;
 
 use anyhow::{Context, Result, anyhow, bail};

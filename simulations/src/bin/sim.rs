@@ -7,13 +7,17 @@
 //! sim availability [--share-on S] [--a-on A] [--json]     S2, restore availability
 //! sim audit-efficacy [--trials N] [--online A] [--json]  S5, how fast audits catch loss
 //! sim correlated [--trials N] [--json]                   S4, correlated failure and placement
+//! sim transient [--reduced] [--json]                     S3, transient versus permanent failure
+//! sim bandwidth [--reduced] [--json]                     S6, maintenance bandwidth
+//! sim restore-time [--reduced] [--json]                  S7, time to restore after a disaster
 //! sim all [--json]                                       every scenario, at a reduced size
 //! ```
 //!
-//! Implemented so far: S1 ([`obnam_simulations::durability`]), S2
-//! ([`obnam_simulations::availability`]), S4 ([`obnam_simulations::correlated`], with the node's
-//! own placement policy) and S5 ([`obnam_simulations::efficacy`], driving the node's own audit
-//! schedule and judgement). The churn simulator, S3, S6 and S7 are not written yet.
+//! S1 is [`obnam_simulations::durability`], S2 [`obnam_simulations::availability`], S4
+//! [`obnam_simulations::correlated`] (with the node's own placement policy) and S5
+//! [`obnam_simulations::efficacy`] (driving the node's own audit schedule and judgement). S3, S6
+//! and S7 run the churn simulator ([`obnam_simulations::churn`], driving the node's placement,
+//! repair trigger and audit schedule) through [`obnam_simulations::policy`].
 
 use anyhow::{Result, bail};
 use obnam_simulations::availability::{self, Scheme};
@@ -35,6 +39,7 @@ fn usage() -> &'static str {
      \x20      sim availability [--share-on S] [--a-on A] [--json] [--out DIR]\n\
      \x20      sim audit-efficacy [--trials N] [--online A] [--json] [--out DIR]\n\
      \x20      sim correlated [--trials N] [--json] [--out DIR]\n\
+     \x20      sim transient|bandwidth|restore-time [--reduced] [--json] [--out DIR]\n\
      \x20      sim all [--json] [--out DIR]"
 }
 
@@ -43,6 +48,9 @@ enum Scenario {
     Availability,
     Efficacy,
     Correlated,
+    Transient,
+    Bandwidth,
+    RestoreTime,
     All,
 }
 
@@ -54,6 +62,7 @@ struct Options {
     a_on: f64,
     trials: Option<usize>,
     online: f64,
+    reduced: bool,
 }
 
 /// Where plots go by default: `simulations/results/` of this source tree.
@@ -68,7 +77,7 @@ fn parse(args: &[String]) -> Result<Options> {
     let mut flags = Flags::new(rest);
     let (mut k, mut n, mut loss, mut json) = (None, None, None, false);
     let (mut out, mut share_on, mut a_on) = (default_out(), 0.3, 0.99);
-    let (mut trials, mut online) = (None, 0.7);
+    let (mut trials, mut online, mut reduced) = (None, 0.7, false);
     while let Some(f) = flags.next_flag() {
         match f {
             "--out" => out = PathBuf::from(flags.parsed::<String>(f)?),
@@ -80,6 +89,7 @@ fn parse(args: &[String]) -> Result<Options> {
             "--n" => n = Some(flags.parsed::<u32>(f)?),
             "--monthly-loss" => loss = Some(flags.parsed::<f64>(f)?),
             "--json" => json = true,
+            "--reduced" => reduced = true,
             "-h" | "--help" => bail!("{}", usage()),
             other => bail!("unknown argument {other:?}\n{}", usage()),
         }
@@ -94,6 +104,9 @@ fn parse(args: &[String]) -> Result<Options> {
         "availability" => Scenario::Availability,
         "audit-efficacy" => Scenario::Efficacy,
         "correlated" => Scenario::Correlated,
+        "transient" => Scenario::Transient,
+        "bandwidth" => Scenario::Bandwidth,
+        "restore-time" => Scenario::RestoreTime,
         "all" => {
             if k.is_some() || n.is_some() || loss.is_some() {
                 bail!("all takes only --json and --out\n{}", usage());
@@ -119,6 +132,7 @@ fn parse(args: &[String]) -> Result<Options> {
         a_on,
         trials,
         online,
+        reduced,
     })
 }
 
@@ -547,6 +561,32 @@ fn run(o: Options) -> Result<()> {
                 print!("{}", s5_table(&v));
             }
         }
+        Scenario::Transient | Scenario::Bandwidth | Scenario::RestoreTime => {
+            use obnam_simulations::policy::{self, Size};
+            let size = if o.reduced { Size::REDUCED } else { Size::FULL };
+            let (v, t) = match o.scenario {
+                Scenario::Transient => {
+                    let v = policy::s3(&o.out, size)?;
+                    let t = policy::s3_table(&v);
+                    (v, t)
+                }
+                Scenario::Bandwidth => {
+                    let v = policy::s6(&o.out, size)?;
+                    let t = policy::s6_table(&v);
+                    (v, t)
+                }
+                _ => {
+                    let v = policy::s7(&o.out, size)?;
+                    let t = policy::s7_table(&v);
+                    (v, t)
+                }
+            };
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{t}");
+            }
+        }
         Scenario::Availability => {
             let v = s2(&o)?;
             if o.json {
@@ -559,6 +599,10 @@ fn run(o: Options) -> Result<()> {
             let s2v = s2(&o)?;
             let s5v = s5(&o, o.trials.unwrap_or(100))?;
             let s4v = s4(&o, o.trials.unwrap_or(20))?;
+            let size = obnam_simulations::policy::Size::REDUCED;
+            let s3v = obnam_simulations::policy::s3(&o.out, size)?;
+            let s6v = obnam_simulations::policy::s6(&o.out, size)?;
+            let s7v = obnam_simulations::policy::s7(&o.out, size)?;
             let s1_png = s1_plot(&o.out)?;
             // S1 over the whitepaper's examples and replicas 1 to 5, at 10% monthly loss.
             let mut rows = Vec::new();
@@ -583,6 +627,9 @@ fn run(o: Options) -> Result<()> {
                         "availability": s2v,
                         "audit_efficacy": s5v,
                         "correlated": s4v,
+                        "transient": s3v,
+                        "bandwidth": s6v,
+                        "restore_time": s7v,
                     }))?
                 );
             } else {
@@ -596,6 +643,12 @@ fn run(o: Options) -> Result<()> {
                 print!("{}", s5_table(&s5v));
                 println!();
                 print!("{}", s4_table(&s4v));
+                println!();
+                print!("{}", obnam_simulations::policy::s3_table(&s3v));
+                println!();
+                print!("{}", obnam_simulations::policy::s6_table(&s6v));
+                println!();
+                print!("{}", obnam_simulations::policy::s7_table(&s7v));
                 println!("plots: {}", o.out.display());
             }
         }
