@@ -161,3 +161,80 @@ fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult
     old.stop();
     Ok(())
 }
+
+#[test]
+fn packs_only_an_absent_friend_holds_join_the_index_when_it_is_back() -> TestResult {
+    let dir = crate::util::tempdir("obnam-recovery-")?;
+    // One replica, and friends count as lost after 3 s, so the second backup goes to C alone.
+    let fast =
+        "replicas = 1\nlost_after_secs = 3\npresence_interval_secs = 1\naudits_per_day = 0\n";
+    let mut a = node(dir.path(), "a", fast)?;
+    let mut b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("first.bin"), noise(4 << 20, 31))?;
+    a.backup(&[&src], &[], 0)?;
+    let first_at_b = obnam_simulations::files_below(&b.data_dir.join("hosted"), "pack").len();
+    assert!(first_at_b >= 1, "B holds the first backup");
+    // B goes away for longer than lost_after: the second backup's new packs go to C only.
+    b.stop();
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::write(src.join("second.bin"), noise(4 << 20, 32))?;
+    // C cannot get the first backup's pack (only B holds it), so the backup ends pending; C
+    // gets the new pack and the head all the same.
+    let second = a.backup(&[&src], &["--timeout", "5s"], 4)?;
+    assert!(
+        second["pending"][0].as_str().unwrap().contains("1 packs"),
+        "{second}"
+    );
+    wait_until("C to hold the new head", Duration::from_secs(30), || {
+        // Heads 1 (once B counted as lost) and 2.
+        Ok(a.log()
+            .lines()
+            .filter(|l| l.contains("head stored at friend") && l.contains(&c.peer_id))
+            .count()
+            >= 2)
+    })?;
+    // The machine is lost while B is still away; the new node knows only C.
+    a.stop();
+    std::fs::remove_dir_all(&a.data_dir)?;
+    let a2 = node(dir.path(), "a2", "presence_interval_secs = 1\n")?;
+    a2.add_peer(&c, &[])?;
+    let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
+    assert_eq!(rec["snapshots"], 2, "{rec}");
+    assert!(
+        rec["warnings"].as_array().unwrap().iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .contains("added to the index when it is back")),
+        "the recovery says B could not be asked: {rec}"
+    );
+    // Without B the first file cannot be restored: its chunks are in packs only B holds.
+    let target = dir.path().join("restore");
+    let early = a2.obnam(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--json",
+    ])?;
+    assert_ne!(early.code, 0, "{early:?}");
+    // B comes back: the node asks it which packs it holds, and the restore works.
+    b.start()?;
+    wait_until(
+        "the index to be completed from B",
+        Duration::from_secs(90),
+        || Ok(a2.log().contains("index completed from a friend")),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}", a2.log()))?;
+    let _ = std::fs::remove_dir_all(&target);
+    a2.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    compare_trees(&src, &restored(&target, &src), &[])?;
+    Ok(())
+}

@@ -278,6 +278,7 @@ async fn dispatch(
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
                 let r = crate::recover::recover(&repo, remote, &name, &passphrase)?;
                 let mut warnings = r.warnings;
+                warnings.extend(unlisted_warnings(&r.rebuilt));
                 warnings.extend(r.rebuilt.failed);
                 Ok(Reply::Recovered(obnam_protocol::control::RecoverReply {
                     name,
@@ -387,6 +388,7 @@ async fn dispatch(
                 let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
                 let owner = repo.owner()?;
                 let (rebuilt, mut warnings, added) = crate::recover::rebuild(&repo, remote)?;
+                warnings.extend(unlisted_warnings(&rebuilt));
                 warnings.extend(rebuilt.failed);
                 Ok(Reply::Recovered(obnam_protocol::control::RecoverReply {
                     name: owner.name.clone(),
@@ -493,6 +495,18 @@ async fn dispatch(
             .await
         }
     }
+}
+
+/// One warning per friend the index could not be rebuilt from.
+fn unlisted_warnings(r: &crate::recover::Rebuilt) -> Vec<String> {
+    r.unlisted
+        .iter()
+        .map(|p| {
+            format!(
+                "friend {p} could not be asked which packs it holds; what only it holds is added to the index when it is back"
+            )
+        })
+        .collect()
 }
 
 fn current_seq(repo: &Repo) -> Result<u64, NodeError> {

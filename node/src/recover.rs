@@ -157,6 +157,71 @@ pub struct Rebuilt {
     pub failed: Vec<String>,
     /// Directories whose file-cache record was seeded from the newest snapshot.
     pub seeded_dirs: u64,
+    /// Friends whose pack list could not be read (away, or not accepting us yet): the index
+    /// lacks what only they hold until they are back (see [`complete_index`]).
+    pub unlisted: Vec<PeerId>,
+}
+
+/// Where the friends that [`rebuild_index`] could not ask are remembered.
+const META_UNLISTED: &str = "index-unlisted";
+
+/// Friends whose pack lists the index still lacks (peer id bytes).
+///
+/// # Errors
+/// Database errors.
+pub fn unlisted(repo: &Repo) -> Result<Vec<Vec<u8>>, NodeError> {
+    let Some(bytes) = repo.store.meta(META_UNLISTED)? else {
+        return Ok(Vec::new());
+    };
+    let list: Vec<serde_bytes::ByteBuf> =
+        obnam_protocol::codec::decode_bounded("unlisted friends", &bytes, 64 * 1024).map_err(
+            |e| NodeError::Corrupt {
+                what: "list of friends the index still lacks".into(),
+                source: e,
+            },
+        )?;
+    Ok(list
+        .into_iter()
+        .map(serde_bytes::ByteBuf::into_vec)
+        .collect())
+}
+
+fn set_unlisted(repo: &Repo, peers: &[Vec<u8>]) -> Result<(), NodeError> {
+    let list: Vec<serde_bytes::ByteBuf> = peers
+        .iter()
+        .map(|p| serde_bytes::ByteBuf::from(p.clone()))
+        .collect();
+    repo.store
+        .set_meta(META_UNLISTED, &obnam_protocol::codec::encode(&list))?;
+    Ok(())
+}
+
+/// Completes the index from a friend that could not be asked when it was rebuilt: lists its
+/// packs and records those the index lacks. Blocking. Returns the packs added, or `None` when
+/// the friend could not be asked this time either (it stays on the list).
+///
+/// # Errors
+/// Database errors.
+pub fn complete_index(
+    repo: &Repo,
+    remote: &Remote,
+    keys: &Keys,
+    peer: PeerId,
+) -> Result<Option<u64>, NodeError> {
+    let rebuilt = rebuild_index(repo, remote, keys, &[peer])?;
+    if !rebuilt.unlisted.is_empty() {
+        return Ok(None);
+    }
+    let bytes = peer.to_bytes();
+    let rest: Vec<Vec<u8>> = unlisted(repo)?
+        .into_iter()
+        .filter(|p| *p != bytes)
+        .collect();
+    set_unlisted(repo, &rest)?;
+    for f in &rebuilt.failed {
+        tracing::warn!(%peer, "completing the index: {f}");
+    }
+    Ok(Some(rebuilt.packs))
 }
 
 /// Replaces the file cache with a seed from the newest snapshot, so that files still on disk
@@ -226,7 +291,9 @@ pub fn seed_file_cache(repo: &Repo, keys: &Keys) -> Result<u64, NodeError> {
     Ok(seeded)
 }
 
-/// Rebuilds the chunk → pack and pack → holders index from what the friends hold.
+/// Rebuilds the chunk → pack and pack → holders index from what the friends hold. Packs the
+/// index has already only gain their holders. Friends whose pack list cannot be read are
+/// returned in [`Rebuilt::unlisted`].
 ///
 /// # Errors
 /// Database errors; unreadable packs are listed in [`Rebuilt::failed`].
@@ -238,6 +305,7 @@ pub fn rebuild_index(
 ) -> Result<Rebuilt, NodeError> {
     let owner = keys.owner_id();
     let mut packs: HashMap<PackId, (u64, Vec<PeerId>)> = HashMap::new();
+    let mut unlisted = Vec::new();
     for &peer in friends {
         let mut after = None;
         loop {
@@ -262,17 +330,31 @@ pub fn rebuild_index(
                 }
                 Ok(other) => {
                     tracing::warn!(%peer, ?other, "could not list packs");
+                    unlisted.push(peer);
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e.full_message(), "could not list packs");
+                    unlisted.push(peer);
                     break;
                 }
             }
         }
     }
-    let mut rebuilt = Rebuilt::default();
-    let work: Vec<_> = packs.into_iter().collect();
+    let mut rebuilt = Rebuilt {
+        unlisted,
+        ..Rebuilt::default()
+    };
+    let mut work = Vec::new();
+    for (id, (len, holders)) in packs {
+        if repo.store.pack(&id)?.is_some() {
+            for h in &holders {
+                repo.store.add_placement(&id, &h.to_bytes())?;
+            }
+        } else {
+            work.push((id, (len, holders)));
+        }
+    }
     let results: Vec<IndexFetch> = remote.handle.block_on(
         futures::stream::iter(work.into_iter().map(|(id, (len, holders))| async move {
             let mut last = Err(NodeError::Net(format!("no friend holds pack {id}")));
@@ -494,6 +576,14 @@ pub fn recover(
         }
     }
     let rebuilt = rebuild_index(repo, remote, keys, &friend_peers(repo, remote)?)?;
+    set_unlisted(
+        repo,
+        &rebuilt
+            .unlisted
+            .iter()
+            .map(|p| p.to_bytes())
+            .collect::<Vec<_>>(),
+    )?;
     if let Some((_, head)) = &survey.best {
         for f in repo.store.friends()? {
             let holds = !survey.stale.iter().any(|s| {
@@ -624,6 +714,14 @@ pub fn rebuild(
         added = learn_friends(repo, remote, &body)?;
     }
     let mut rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
+    set_unlisted(
+        repo,
+        &rebuilt
+            .unlisted
+            .iter()
+            .map(|p| p.to_bytes())
+            .collect::<Vec<_>>(),
+    )?;
     repo.index_ok();
     rebuilt.seeded_dirs = seed_file_cache(repo, &owner.keys)?;
     Ok((rebuilt, warnings, added))

@@ -69,6 +69,9 @@ pub struct Replicator {
     errors: Mutex<HashMap<PeerId, String>>,
     /// Friends that accepted our takeover statement in this run.
     took_over: Mutex<HashSet<PeerId>>,
+    /// Packs whose repair failed and was reported: the same failure is logged once, not every
+    /// round, until a repair of the pack succeeds.
+    repair_reported: Arc<Mutex<HashSet<obnam_protocol::PackId>>>,
 }
 
 fn peer_of(f: &Friend) -> Option<PeerId> {
@@ -140,6 +143,7 @@ impl Replicator {
             repaired: AtomicU64::new(0),
             errors: Mutex::new(HashMap::new()),
             took_over: Mutex::new(HashSet::new()),
+            repair_reported: Arc::default(),
         })
     }
 
@@ -394,6 +398,7 @@ impl Replicator {
             return Ok(());
         }
         let budget = self.repo.config.repair_bytes_per_round.max(1);
+        let reported = Arc::clone(&self.repair_reported);
         let repaired = tokio::task::spawn_blocking(move || -> Result<u64, NodeError> {
             let packs = repo.store.packs()?;
             let counts = repo.store.holder_counts()?;
@@ -431,11 +436,16 @@ impl Replicator {
                 match repo.reclaim(&owner.keys, &id) {
                     Ok(()) => {
                         repaired += len;
+                        reported.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                         tracing::info!(pack = %id.short(), holders, "repair: fetched a pack below its replica target back into the outbox");
                     }
                     Err(e) => {
                         failures += 1;
-                        tracing::error!(pack = %id.short(), holders, error = %e.full_message(), "repair: no friend could send a good copy of a pack below its replica target");
+                        if reported.lock().unwrap_or_else(|e| e.into_inner()).insert(id) {
+                            tracing::error!(pack = %id.short(), holders, error = %e.full_message(), "repair: no friend could send a good copy of a pack below its replica target (tried again every round; logged once)");
+                        } else {
+                            tracing::debug!(pack = %id.short(), error = %e.full_message(), "repair failed again");
+                        }
                     }
                 }
             }
@@ -629,7 +639,7 @@ impl Replicator {
         &self,
         peer: PeerId,
         f: &Friend,
-        owner: &Owner,
+        owner: &Arc<Owner>,
         data: bool,
     ) -> Result<(), NodeError> {
         // After a recovery, every friend must accept this node as the owner's writer, including
@@ -687,6 +697,21 @@ impl Replicator {
                 if store.friend_health(&f.peer_id)?.refused_since_ns != 0 {
                     tracing::info!(%peer, "friend accepts us again");
                     store.update_friend_health(&f.peer_id, |h| h.refused_since_ns = 0)?;
+                }
+                // A friend that could not be asked when the index was rebuilt (after a
+                // recovery) is asked now: what only it holds joins the index.
+                if crate::recover::unlisted(&self.repo)?.contains(&f.peer_id) {
+                    let repo = self.repo.clone();
+                    let owner = Arc::clone(owner);
+                    let added = tokio::task::spawn_blocking(move || {
+                        let remote = repo.remote.get().ok_or(NodeError::Shutdown)?;
+                        crate::recover::complete_index(&repo, remote, &owner.keys, peer)
+                    })
+                    .await
+                    .map_err(|e| NodeError::Control(format!("index completion failed: {e}")))??;
+                    if let Some(n) = added {
+                        tracing::info!(%peer, packs = n, "index completed from a friend that was away when it was rebuilt");
+                    }
                 }
             }
             Ok(Response::Error(e)) if e.code == ErrorCode::NotFriend => {
@@ -759,7 +784,6 @@ impl Replicator {
                 }
             }
         }
-        let mut all_held = true;
         let mut stream: Option<libp2p::Stream> = None;
         for (id, rec) in store.packs()? {
             if store.holders(&id)?.contains(&f.peer_id) {
@@ -767,7 +791,6 @@ impl Replicator {
             }
             if !rec.in_outbox {
                 // Not ours to send any more; repair from other friends comes with audits.
-                all_held = false;
                 continue;
             }
             let s = match stream.as_mut() {
@@ -808,7 +831,6 @@ impl Replicator {
                     // It failed an audit of this pack and still says it has it: only a passing
                     // audit (or storing it anew) makes it count again.
                     tracing::warn!(%peer, pack = %id.short(), "friend says it holds a pack it failed an audit of; not counting it until an audit passes");
-                    all_held = false;
                 }
                 Upload::Stored => {
                     store.confirm_placement(&id, &f.peer_id)?;
@@ -831,9 +853,10 @@ impl Replicator {
         if let Some(mut s) = stream.take() {
             let _ = futures::AsyncWriteExt::close(&mut s).await;
         }
-        if !all_held {
-            return Ok(());
-        }
+        // The head goes to the friend even when it lacks packs that left the outbox (held by
+        // other friends, or waiting for repair from a friend that is away): a recovery through
+        // this friend then finds every snapshot, and the index picks up the other packs from
+        // the friends that hold them. `replicated_to` still counts only friends holding all.
         let Some(head_bytes) = head_at_start else {
             return Ok(());
         };
@@ -855,6 +878,7 @@ impl Replicator {
             {
                 Response::Ok => {
                     store.update_peer_state(&f.peer_id, |s| s.head_seq = parsed.seq)?;
+                    tracing::info!(%peer, seq = parsed.seq, "head stored at friend");
                     self.bump();
                 }
                 Response::Error(e) if e.code == ErrorCode::StaleHead => {

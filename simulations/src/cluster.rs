@@ -325,7 +325,8 @@ pub fn run(s: &Settings) -> Result<Value> {
             if same {
                 restored += 1;
             } else {
-                failed.push(json!({"owner": m.name, "snapshot": id, "code": run.code, "stderr": run.stderr}));
+                let out: String = run.stdout.chars().take(600).collect();
+                failed.push(json!({"owner": m.name, "snapshot": id, "code": run.code, "stdout": out, "stderr": run.stderr}));
             }
             let _ = std::fs::remove_dir_all(&target);
         }

@@ -69,9 +69,17 @@ fn parse(args: &[String]) -> Result<Options> {
 }
 
 fn go(o: Options) -> Result<()> {
-    let result = run(&o.settings);
+    let report = match run(&o.settings) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "the nodes' data and logs are kept in {}",
+                o.settings.work.display()
+            );
+            return Err(e);
+        }
+    };
     let _ = std::fs::remove_dir_all(&o.settings.work);
-    let report = result?;
     if o.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
