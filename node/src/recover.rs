@@ -186,6 +186,12 @@ pub fn unlisted(repo: &Repo) -> Result<Vec<Vec<u8>>, NodeError> {
         .collect())
 }
 
+/// Remembers the friends `rebuilt` could not ask, for [`complete_index`].
+fn remember_unlisted(repo: &Repo, rebuilt: &Rebuilt) -> Result<(), NodeError> {
+    let peers: Vec<Vec<u8>> = rebuilt.unlisted.iter().map(|p| p.to_bytes()).collect();
+    set_unlisted(repo, &peers)
+}
+
 fn set_unlisted(repo: &Repo, peers: &[Vec<u8>]) -> Result<(), NodeError> {
     let list: Vec<serde_bytes::ByteBuf> = peers
         .iter()
@@ -576,14 +582,7 @@ pub fn recover(
         }
     }
     let rebuilt = rebuild_index(repo, remote, keys, &friend_peers(repo, remote)?)?;
-    set_unlisted(
-        repo,
-        &rebuilt
-            .unlisted
-            .iter()
-            .map(|p| p.to_bytes())
-            .collect::<Vec<_>>(),
-    )?;
+    remember_unlisted(repo, &rebuilt)?;
     if let Some((_, head)) = &survey.best {
         for f in repo.store.friends()? {
             let holds = !survey.stale.iter().any(|s| {
@@ -714,14 +713,7 @@ pub fn rebuild(
         added = learn_friends(repo, remote, &body)?;
     }
     let mut rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
-    set_unlisted(
-        repo,
-        &rebuilt
-            .unlisted
-            .iter()
-            .map(|p| p.to_bytes())
-            .collect::<Vec<_>>(),
-    )?;
+    remember_unlisted(repo, &rebuilt)?;
     repo.index_ok();
     rebuilt.seeded_dirs = seed_file_cache(repo, &owner.keys)?;
     Ok((rebuilt, warnings, added))

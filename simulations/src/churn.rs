@@ -227,6 +227,19 @@ impl Sim<'_> {
         }
     }
 
+    /// Applies node `i`'s availability changes up to the end of hour `now`, and maybe starts an
+    /// absence of a laptop.
+    fn advance(&mut self, i: usize, now: f64) {
+        while self.nodes[i].next_change_h <= now + 1.0 {
+            let t = self.nodes[i].next_change_h;
+            self.nodes[i].online_base = !self.nodes[i].online_base;
+            self.schedule(i, t);
+        }
+        if !self.nodes[i].always_on && self.rng.random::<f64>() < self.s.away_per_year / 8766.0 {
+            self.nodes[i].away_until_h = now + self.rng.random_range(24.0..21.0 * 24.0);
+        }
+    }
+
     fn new_node(rng: &mut StdRng, s: &Settings, now: f64) -> Node {
         let always_on = rng.random::<f64>() < s.share_on;
         Node {
@@ -478,14 +491,7 @@ pub fn run(s: &Settings) -> Outcome {
         }
         // Availability events.
         for i in 0..s.nodes {
-            while sim.nodes[i].next_change_h <= now + 1.0 {
-                let t = sim.nodes[i].next_change_h;
-                sim.nodes[i].online_base = !sim.nodes[i].online_base;
-                sim.schedule(i, t);
-            }
-            if !sim.nodes[i].always_on && sim.rng.random::<f64>() < per_hour(s.away_per_year) {
-                sim.nodes[i].away_until_h = now + sim.rng.random_range(24.0..21.0 * 24.0);
-            }
+            sim.advance(i, now);
             if sim.rng.random::<f64>() < per_hour(s.death_per_year) {
                 sim.kill(i, now, &mut out);
             }
@@ -617,14 +623,7 @@ pub fn restore_days(s: &Settings, r: &RestoreSettings) -> Vec<f64> {
         let mut h = 0.0;
         while got < sim.data_bytes && hours < limit {
             for i in 0..sim.nodes.len() {
-                while sim.nodes[i].next_change_h <= h + 1.0 {
-                    let t = sim.nodes[i].next_change_h;
-                    sim.nodes[i].online_base = !sim.nodes[i].online_base;
-                    sim.schedule(i, t);
-                }
-                if !sim.nodes[i].always_on && sim.rng.random::<f64>() < per_hour(s.away_per_year) {
-                    sim.nodes[i].away_until_h = h + sim.rng.random_range(24.0..21.0 * 24.0);
-                }
+                sim.advance(i, h);
             }
             if sim.rng.random::<f64>() < per_hour(s.outage_per_year) {
                 let hh = sim.rng.random_range(0..holders);

@@ -25,12 +25,13 @@
 //! away. The **oracle**, which knows which failures are permanent, sends exactly what the lost
 //! disks held (their `hosted_bytes` when they died).
 
+use crate::crash::{copy_tree, random_file};
 use crate::{Bins, Node, compare_trees, wait_until};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use rand::rngs::StdRng;
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A cluster run's settings.
@@ -72,24 +73,6 @@ struct Member {
     repaired: u64,
     /// Snapshot id → the copy of its files.
     expected: Vec<(String, PathBuf)>,
-}
-
-fn random_file(path: &Path, len: usize, rng: &mut impl Rng) -> Result<()> {
-    let mut data = vec![0u8; len];
-    rng.fill_bytes(&mut data);
-    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
-}
-
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()?;
-    if !status.success() {
-        bail!("cp -a {} {} failed", from.display(), to.display());
-    }
-    Ok(())
 }
 
 impl Member {

@@ -41,7 +41,7 @@ pub struct CrashOptions {
     pub bins: Bins,
 }
 
-fn random_file(path: &Path, len: usize, rng: &mut impl Rng) -> Result<()> {
+pub(crate) fn random_file(path: &Path, len: usize, rng: &mut impl Rng) -> Result<()> {
     let mut data = vec![0u8; len];
     rng.fill_bytes(&mut data);
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
@@ -62,7 +62,7 @@ fn mutate(src: &Path, n: usize, rng: &mut impl RngExt) -> Result<()> {
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     let status = std::process::Command::new("cp")
         .arg("-a")
         .arg(from)

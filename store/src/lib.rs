@@ -64,6 +64,24 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-0");
 const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files-0");
 const MEMO: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("rotate-memo-0");
 
+/// Every snapshot of a snapshots table, oldest first (ties by id).
+pub(crate) fn read_snapshots(
+    table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+) -> Result<Vec<(SnapshotId, SnapshotRecord)>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        let id = SnapshotId(*k.value());
+        let rec = SnapshotRecord::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+            what: format!("snapshot {id}"),
+            source: e,
+        })?;
+        out.push((id, rec));
+    }
+    out.sort_by_key(|(id, r)| (r.time_ns, *id));
+    Ok(out)
+}
+
 const META_SCHEMA: &str = "schema";
 const SCHEMA_VERSION: &[u8] = b"1";
 
@@ -326,19 +344,7 @@ impl Store {
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn snapshots(&self) -> Result<Vec<(SnapshotId, SnapshotRecord)>, StoreError> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(self.own.snapshots)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (k, v) = item?;
-            let id = SnapshotId(*k.value());
-            let rec = SnapshotRecord::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-                what: format!("snapshot {id}"),
-                source: e,
-            })?;
-            out.push((id, rec));
-        }
-        out.sort_by_key(|(id, r)| (r.time_ns, *id));
-        Ok(out)
+        read_snapshots(&tx.open_table(self.own.snapshots)?)
     }
 
     /// Replaces the snapshot list and the head with those of a head adopted from friends.

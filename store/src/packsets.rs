@@ -18,7 +18,6 @@
 
 use crate::{Store, StoreError};
 use obnam_protocol::local::PackSetDelta;
-use obnam_protocol::snapshot::SnapshotRecord;
 use obnam_protocol::{PackId, SnapshotId};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{HashMap, HashSet};
@@ -152,18 +151,10 @@ impl PackSets {
 fn ordered(
     table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
 ) -> Result<Vec<SnapshotId>, StoreError> {
-    let mut out = Vec::new();
-    for item in table.iter()? {
-        let (k, v) = item?;
-        let id = SnapshotId(*k.value());
-        let rec = SnapshotRecord::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
-            what: format!("snapshot {id}"),
-            source: e,
-        })?;
-        out.push((rec.time_ns, id));
-    }
-    out.sort_unstable();
-    Ok(out.into_iter().map(|(_, id)| id).collect())
+    Ok(crate::read_snapshots(table)?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
 }
 
 /// A record as stored; an undecodable one counts as missing (it is recomputed).
