@@ -24,6 +24,8 @@ pub struct NodeConfig {
     pub seal_threads: usize,
     /// Finished packs that may wait for the disk at once (bounds memory).
     pub packs_in_flight: usize,
+    /// Packs uploaded to one friend at once, each on its own stream (0 counts as 1).
+    pub uploads_in_flight: usize,
     /// Seconds a libp2p connection may stay idle before it is closed.
     pub idle_connection_timeout_secs: u64,
     /// Seconds a backup waits for replication without progress (the friends issue).
@@ -74,6 +76,7 @@ impl Default for NodeConfig {
             zstd_level: 3,
             seal_threads: 0,
             packs_in_flight: 2,
+            uploads_in_flight: 2,
             idle_connection_timeout_secs: 300,
             replication_timeout_secs: 60,
             db_cache_mib: 16,

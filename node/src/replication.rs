@@ -784,75 +784,88 @@ impl Replicator {
                 }
             }
         }
-        let mut stream: Option<libp2p::Stream> = None;
+        // Packs the friend lacks that are ours to send (those that left the outbox are held by
+        // other friends; repair brings them back when needed).
+        let mut todo = std::collections::VecDeque::new();
         for (id, rec) in store.packs()? {
-            if store.holders(&id)?.contains(&f.peer_id) {
-                continue;
+            if rec.in_outbox && !store.holders(&id)?.contains(&f.peer_id) {
+                todo.push_back((id, rec));
             }
-            if !rec.in_outbox {
-                // Not ours to send any more; repair from other friends comes with audits.
-                continue;
-            }
-            let s = match stream.as_mut() {
-                Some(s) => s,
-                None => stream.insert(self.net.open_stream(peer).await?),
-            };
-            let mut result = self
-                .timed(
-                    rec.len,
-                    peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
-                )
-                .await;
-            if result.is_err() {
-                // The stream broke (or the friend's accept queue dropped it): one fresh try.
-                let s = stream.insert(self.net.open_stream(peer).await?);
-                result = self
+        }
+        // `uploads_in_flight` lanes, each with its own stream, take packs from one queue: the
+        // next pack travels while the friend makes the last one durable.
+        let lanes = todo.len().min(self.repo.config.uploads_in_flight.max(1));
+        let queue = std::sync::Mutex::new(todo);
+        let lane = || async {
+            let mut stream: Option<libp2p::Stream> = None;
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some((id, rec)) = next else { break };
+                let s = match stream.as_mut() {
+                    Some(s) => s,
+                    None => stream.insert(self.net.open_stream(peer).await?),
+                };
+                let mut result = self
                     .timed(
                         rec.len,
                         peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
                     )
                     .await;
+                if result.is_err() {
+                    // The stream broke (or the friend's accept queue dropped it): one fresh try.
+                    let s = stream.insert(self.net.open_stream(peer).await?);
+                    result = self
+                        .timed(
+                            rec.len,
+                            peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
+                        )
+                        .await;
+                }
+                let mut result = result?;
+                if let Upload::Refused(e) = &result
+                    && e.code == ErrorCode::Unproven
+                {
+                    peers::prove(&self.net, peer, keys).await?;
+                    let s = stream.insert(self.net.open_stream(peer).await?);
+                    result = self
+                        .timed(
+                            rec.len,
+                            peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
+                        )
+                        .await?;
+                }
+                match result {
+                    Upload::Already if store.is_suspect(&id, &f.peer_id)? => {
+                        // It failed an audit of this pack and still says it has it: only a
+                        // passing audit (or storing it anew) makes it count again.
+                        tracing::warn!(%peer, pack = %id.short(), "friend says it holds a pack it failed an audit of; not counting it until an audit passes");
+                    }
+                    Upload::Stored => {
+                        store.confirm_placement(&id, &f.peer_id)?;
+                        self.sent.fetch_add(rec.len, Ordering::Relaxed);
+                        store.update_peer_state(&f.peer_id, |s| s.used_by_us += rec.len)?;
+                        self.bump();
+                    }
+                    Upload::Already => {
+                        store.add_placement(&id, &f.peer_id)?;
+                        self.bump();
+                    }
+                    Upload::Refused(e) if e.code == ErrorCode::QuotaExceeded => {
+                        tracing::warn!(%peer, available = ?e.available, "friend refused a pack for quota; choosing another friend");
+                        store.update_peer_state(&f.peer_id, |s| s.quota_refused = true)?;
+                        return Err(crate::serve::wire_error(&peer, &e));
+                    }
+                    Upload::Refused(e) => return Err(crate::serve::wire_error(&peer, &e)),
+                }
             }
-            let mut result = result?;
-            if let Upload::Refused(e) = &result
-                && e.code == ErrorCode::Unproven
-            {
-                peers::prove(&self.net, peer, keys).await?;
-                let s = stream.insert(self.net.open_stream(peer).await?);
-                result = self
-                    .timed(
-                        rec.len,
-                        peers::upload(s, peer, owner_id, id, &self.repo.outbox.path(&id)),
-                    )
-                    .await?;
+            if let Some(mut s) = stream.take() {
+                let _ = futures::AsyncWriteExt::close(&mut s).await;
             }
-            match result {
-                Upload::Already if store.is_suspect(&id, &f.peer_id)? => {
-                    // It failed an audit of this pack and still says it has it: only a passing
-                    // audit (or storing it anew) makes it count again.
-                    tracing::warn!(%peer, pack = %id.short(), "friend says it holds a pack it failed an audit of; not counting it until an audit passes");
-                }
-                Upload::Stored => {
-                    store.confirm_placement(&id, &f.peer_id)?;
-                    self.sent.fetch_add(rec.len, Ordering::Relaxed);
-                    store.update_peer_state(&f.peer_id, |s| s.used_by_us += rec.len)?;
-                    self.bump();
-                }
-                Upload::Already => {
-                    store.add_placement(&id, &f.peer_id)?;
-                    self.bump();
-                }
-                Upload::Refused(e) if e.code == ErrorCode::QuotaExceeded => {
-                    tracing::warn!(%peer, available = ?e.available, "friend refused a pack for quota; choosing another friend");
-                    store.update_peer_state(&f.peer_id, |s| s.quota_refused = true)?;
-                    return Err(crate::serve::wire_error(&peer, &e));
-                }
-                Upload::Refused(e) => return Err(crate::serve::wire_error(&peer, &e)),
-            }
-        }
-        if let Some(mut s) = stream.take() {
-            let _ = futures::AsyncWriteExt::close(&mut s).await;
-        }
+            Ok::<(), NodeError>(())
+        };
+        // The first failing lane ends the others (their uploads are dropped and tried again
+        // next round).
+        futures::future::try_join_all((0..lanes).map(|_| lane())).await?;
         // The head goes to the friend even when it lacks packs that left the outbox (held by
         // other friends, or waiting for repair from a friend that is away): a recovery through
         // this friend then finds every snapshot, and the index picks up the other packs from
