@@ -645,6 +645,23 @@ fn audits_json(a: &obnam_protocol::control::FriendAudits) -> serde_json::Value {
     })
 }
 
+fn path_line(p: &obnam_protocol::control::PeerInfo) -> String {
+    match (&p.path, p.online) {
+        (Some(path), true) => {
+            let rtt = p
+                .rtt_us
+                .map(|u| format!(", rtt {:.1} ms", u as f64 / 1000.0))
+                .unwrap_or_default();
+            let at = p.path_addr.as_deref().unwrap_or("?");
+            format!("{path} at {at}{rtt}")
+        }
+        _ => match p.audits.last_seen_ns {
+            Some(at) => format!("offline; last seen {}", time(at)),
+            None => "offline; never seen".into(),
+        },
+    }
+}
+
 fn audits_line(a: &obnam_protocol::control::FriendAudits) -> String {
     let online = a
         .online_permille_30d
@@ -745,7 +762,9 @@ fn peer_json(p: &obnam_protocol::control::PeerInfo) -> serde_json::Value {
         "peer_id": p.peer_id, "name": p.name, "household": p.household, "online": p.online,
         "addrs": p.addrs, "quota_given": p.quota_given, "used_by_them": p.used_by_them,
         "used_by_us": p.used_by_us, "holds_slot": p.holds_slot, "last_error": p.last_error,
-        "audits": audits_json(&p.audits),
+        "audits": audits_json(&p.audits), "path": p.path, "path_addr": p.path_addr,
+        "rtt_ms": p.rtt_us.map(|u| u as f64 / 1000.0), "record_addrs": p.record_addrs,
+        "record_seq": p.record_seq, "last_seen_ns": p.audits.last_seen_ns,
     })
 }
 
@@ -801,6 +820,7 @@ fn peer_list(g: &Global) -> Result<u8, Failure> {
                         bytes(p.used_by_us),
                         p.peer_id
                     );
+                    println!("    {}", path_line(p));
                     println!("    {}", audits_line(&p.audits));
                     if let Some(e) = &p.last_error {
                         println!("    last problem: {e}");

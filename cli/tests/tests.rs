@@ -7,6 +7,7 @@ mod audits;
 mod errors;
 mod faults;
 mod friends;
+mod nat;
 mod one_node;
 mod recovery;
 mod rotation;

@@ -66,12 +66,44 @@ pub struct NodeConfig {
     /// Learn friends' other addresses from what they announce (identify). Off: dial friends only
     /// at the addresses given to `peer add` (a tunnel or a fixed port forward; the fault tests).
     pub learn_addresses: bool,
+    /// Serve circuit relay v2 to friends (and only to friends), so friends behind NAT can be
+    /// reached through this node. Turn it on for a node that friends can reach directly.
+    pub relay_server: bool,
+    /// Most seconds one relayed connection may last before the relay closes it (the friend
+    /// reconnects and goes on).
+    pub relay_circuit_secs: u64,
+    /// Most bytes one relayed connection may carry before the relay closes it.
+    pub relay_circuit_bytes: u64,
+    /// Answer AutoNAT v2 probes (dial back a node's address to tell it whether it is
+    /// reachable). Turn it on for a node that friends can reach directly.
+    pub autonat_server: bool,
+    /// Keep reservations on at most this many friend relays while this node is not known to be
+    /// reachable directly (0: never use relays).
+    pub max_relays: usize,
+    /// Seconds between network upkeep rounds: relay reservations, tries of a direct connection
+    /// to friends reached only through a relay, and the address record pushed to friends.
+    pub network_upkeep_secs: u64,
+    /// Seconds between AutoNAT v2 probes of this node's candidate addresses.
+    pub autonat_probe_secs: u64,
+    /// Seconds between two identify exchanges on a connection (addresses and observed address).
+    pub identify_interval_secs: u64,
+    /// Addresses friends can reach this node at that it cannot see itself (a port forward on
+    /// the router), announced as they are: `["/ip4/203.0.113.5/tcp/4411"]`.
+    pub external_addresses: Vec<String>,
+    /// Seconds between pings on each connection (round trip for `peer list`).
+    pub ping_interval_secs: u64,
+    /// Seconds a ping may take; a connection whose ping fails is closed (a dead path, such as a
+    /// router that changed its address, is noticed and replaced).
+    pub ping_timeout_secs: u64,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
-            listen: vec!["/ip4/0.0.0.0/tcp/4411".into()],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4411".into(),
+                "/ip4/0.0.0.0/udp/4411/quic-v1".into(),
+            ],
             outbox_max_bytes: 100 * 1024 * 1024 * 1024,
             zstd_level: 3,
             seal_threads: 0,
@@ -96,6 +128,17 @@ impl Default for NodeConfig {
             scrub_interval_secs: 3600,
             audit_answers_per_minute: 10,
             learn_addresses: true,
+            relay_server: false,
+            relay_circuit_secs: 3600,
+            relay_circuit_bytes: 16 * 1024 * 1024 * 1024,
+            autonat_server: false,
+            max_relays: 2,
+            network_upkeep_secs: 60,
+            autonat_probe_secs: 60,
+            identify_interval_secs: 300,
+            external_addresses: Vec::new(),
+            ping_interval_secs: 15,
+            ping_timeout_secs: 20,
         }
     }
 }

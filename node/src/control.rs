@@ -662,7 +662,7 @@ async fn peer_add(
     .await?;
     daemon.net.add_addrs(peer, dial).await?;
     daemon.replicator.wake();
-    Ok(Reply::PeerAdded(info))
+    Ok(Reply::PeerAdded(Box::new(info)))
 }
 
 fn peer_info(
@@ -680,6 +680,12 @@ fn peer_info(
         .filter(|(_, o)| o.bound_peer == f.peer_id)
         .map(|(_, o)| o.used)
         .sum();
+    let path = d.net.path(&peer);
+    let record = d
+        .repo
+        .store
+        .address_record(&f.peer_id)?
+        .and_then(|r| crate::addrbook::open(&r.envelope).ok());
     Ok(obnam_protocol::control::PeerInfo {
         peer_id: peer.to_string(),
         name: f.name.clone(),
@@ -697,6 +703,17 @@ fn peer_info(
         holds_slot: state.slot_pushed,
         last_error: d.replicator.last_error(&peer),
         audits: friend_audits(&d.repo, f)?,
+        path: path.as_ref().map(|p| p.path.clone()),
+        path_addr: path.as_ref().map(|p| p.addr.clone()),
+        rtt_us: path
+            .as_ref()
+            .and_then(|p| p.rtt)
+            .map(|r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX)),
+        record_addrs: record
+            .as_ref()
+            .map(|r| r.addrs.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+        record_seq: record.as_ref().map(|r| r.seq),
     })
 }
 

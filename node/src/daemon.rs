@@ -208,8 +208,35 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         mdns: config.mdns,
         upnp: config.upnp,
         learn_addresses: config.learn_addresses,
+        relay_server: config.relay_server,
+        relay_circuit: Duration::from_secs(config.relay_circuit_secs.max(1)),
+        relay_circuit_bytes: config.relay_circuit_bytes,
+        autonat_server: config.autonat_server,
+        max_relays: config.max_relays,
+        autonat_probe: Duration::from_secs(config.autonat_probe_secs.max(1)),
+        identify_interval: Duration::from_secs(config.identify_interval_secs.max(1)),
+        external: config.external_addresses.clone(),
+        ping_interval: Duration::from_secs(config.ping_interval_secs.max(1)),
+        ping_timeout: Duration::from_secs(config.ping_timeout_secs.max(1)),
     };
-    let (net, net_task) = net::start(key, net_config, server).await?;
+    let (net, net_task) = net::start(key, net_config, Arc::clone(&server)).await?;
+    {
+        let net = net.clone();
+        let handle = tokio::runtime::Handle::current();
+        let _ = server.on_addresses.set(Box::new(move |peer, addrs| {
+            let net = net.clone();
+            handle.spawn(async move {
+                let _ = net.add_addrs(peer, addrs).await;
+            });
+        }));
+    }
+    // Friends' addresses from their signed records, before the first replication round dials.
+    let addr_task = tokio::spawn(crate::addrbook::run(
+        net.clone(),
+        Arc::clone(&server),
+        repo.store.clone(),
+        Duration::from_secs(config.network_upkeep_secs.max(1)),
+    ));
     let _ = repo.remote.set(crate::repo::Remote::new(
         net.clone(),
         tokio::runtime::Handle::current(),
@@ -250,6 +277,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
     net_task.abort();
     replication_task.abort();
     audit_task.abort();
+    addr_task.abort();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -27,6 +27,7 @@
 //! | [`daemon`] | start-up and shutdown |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod addrbook;
 pub mod audit;
 pub mod backup;
 pub mod chunker;
@@ -41,6 +42,7 @@ pub mod net;
 pub mod outbox;
 pub mod pack;
 pub mod peers;
+pub mod reach;
 pub mod recover;
 pub mod replication;
 pub mod repo;

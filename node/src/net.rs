@@ -14,13 +14,16 @@
 //! when its accept loop is slow).
 
 use crate::error::NodeError;
+use crate::reach::{self, GlobalOnly, Path};
 use crate::serve::Server;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::multiaddr::Protocol;
+use libp2p::core::transport::ListenerId;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, connection_limits, identify, identity::Keypair, mdns, noise,
-    ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, autonat, connection_limits, dcutr, identify,
+    identity::Keypair, mdns, noise, ping, relay, tcp, yamux,
 };
 use obnam_protocol::msg::{self, ErrorCode, MAX_MESSAGE, Request, Response, WireError};
 use std::collections::{HashMap, HashSet};
@@ -165,6 +168,40 @@ pub(crate) struct Behaviour {
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     upnp: Toggle<libp2p::upnp::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat: GlobalOnly<autonat::v2::client::Behaviour>,
+    autonat_server: Toggle<autonat::v2::server::Behaviour>,
+}
+
+/// The circuit relay v2 hop protocol: a friend that announces it serves relays.
+const HOP_PROTOCOL: &str = "/libp2p/circuit/relay/0.2.0/hop";
+
+/// One open connection to a peer, as `peer list` describes it.
+#[derive(Debug, Clone)]
+struct Conn {
+    remote: Multiaddr,
+    path: Path,
+    quic: bool,
+}
+
+/// What the event loop knows of the connections to one peer.
+#[derive(Debug, Clone, Default)]
+struct PeerConns {
+    conns: HashMap<ConnectionId, Conn>,
+    rtt: Option<Duration>,
+}
+
+/// How a peer is reached now, for `peer list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPath {
+    /// The best open connection's path, e.g. "direct (TCP)" or "relayed via 12D3…".
+    pub path: String,
+    /// Its remote address.
+    pub addr: String,
+    /// The last ping round trip.
+    pub rtt: Option<Duration>,
 }
 
 /// What the event loop is asked to do.
@@ -185,6 +222,9 @@ pub enum Command {
         /// Its addresses.
         addrs: Vec<Multiaddr>,
     },
+    /// Network upkeep: relay reservations, and tries of a direct connection to friends that
+    /// are reached only through a relay.
+    Upkeep,
 }
 
 /// The handle the rest of the node uses. Cheap to clone.
@@ -195,13 +235,65 @@ pub struct Net {
     tx: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    external: Arc<Mutex<Vec<Multiaddr>>>,
     connected: Arc<Mutex<HashSet<PeerId>>>,
+    paths: Arc<Mutex<HashMap<PeerId, PeerConns>>>,
+    unreachable: Arc<Mutex<HashSet<PeerId>>>,
+    /// Woken when this node's own addresses change (listen, external or relayed).
+    pub addrs_changed: Arc<tokio::sync::Notify>,
+    key: Keypair,
 }
 
 impl Net {
-    /// The addresses we listen on now.
+    /// Where this node can be reached now: the addresses it listens on (relayed ones
+    /// included) and the external addresses confirmed by AutoNAT or set in the config.
     pub fn addrs(&self) -> Vec<Multiaddr> {
-        self.addrs.lock().map(|a| a.clone()).unwrap_or_default()
+        let mut all = self.addrs.lock().map(|a| a.clone()).unwrap_or_default();
+        for a in self.external.lock().map(|a| a.clone()).unwrap_or_default() {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+        }
+        all
+    }
+
+    /// This node's own signed address record of [`Net::addrs`].
+    ///
+    /// # Errors
+    /// [`NodeError::Key`] when signing fails.
+    pub fn own_record(&self) -> Result<crate::addrbook::Checked, NodeError> {
+        crate::addrbook::make(&self.key, self.addrs())
+    }
+
+    /// How `peer` is reached now (its best open connection), if connected.
+    pub fn path(&self, peer: &PeerId) -> Option<PeerPath> {
+        let paths = self.paths.lock().ok()?;
+        let pc = paths.get(peer)?;
+        let best = pc.conns.values().max_by_key(|c| c.path.rank(c.quic))?;
+        Some(PeerPath {
+            path: best.path.describe(best.quic),
+            addr: best.remote.to_string(),
+            rtt: pc.rtt,
+        })
+    }
+
+    /// Friends that could not be dialed at any known address since the last call.
+    pub fn take_unreachable(&self) -> Vec<PeerId> {
+        self.unreachable
+            .lock()
+            .map(|mut u| u.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks the event loop for a network upkeep round.
+    ///
+    /// # Errors
+    /// [`NodeError::Shutdown`].
+    pub async fn upkeep(&self) -> Result<(), NodeError> {
+        self.tx
+            .send(Command::Upkeep)
+            .await
+            .map_err(|_| NodeError::Shutdown)
     }
 
     /// Whether a connection to `peer` is open now.
@@ -264,6 +356,26 @@ pub struct NetConfig {
     pub upnp: bool,
     /// Learn peers' addresses from identify.
     pub learn_addresses: bool,
+    /// Serve circuit relay v2 to friends.
+    pub relay_server: bool,
+    /// Most seconds of one relayed connection.
+    pub relay_circuit: Duration,
+    /// Most bytes of one relayed connection.
+    pub relay_circuit_bytes: u64,
+    /// Answer AutoNAT v2 probes.
+    pub autonat_server: bool,
+    /// Friend relays to keep reservations on while not reachable directly.
+    pub max_relays: usize,
+    /// Between AutoNAT v2 probes.
+    pub autonat_probe: Duration,
+    /// Between identify exchanges.
+    pub identify_interval: Duration,
+    /// Addresses this node is known to be reachable at (a port forward), announced as they are.
+    pub external: Vec<String>,
+    /// Between pings.
+    pub ping_interval: Duration,
+    /// A ping that takes longer fails, and its connection is closed.
+    pub ping_timeout: Duration,
 }
 
 /// Starts the swarm and listens. Returns once every address is bound.
@@ -280,6 +392,18 @@ pub async fn start(
     let upnp_on = cfg.upnp;
     let learn_addresses = cfg.learn_addresses;
     let request_timeout = cfg.request_timeout;
+    let net_key = key.clone();
+    let relay_server = cfg.relay_server;
+    let autonat_server = cfg.autonat_server;
+    let (relay_circuit, relay_circuit_bytes) = (cfg.relay_circuit, cfg.relay_circuit_bytes);
+    let (autonat_probe, identify_interval) = (cfg.autonat_probe, cfg.identify_interval);
+    let ping_config = ping::Config::new()
+        .with_interval(cfg.ping_interval)
+        .with_timeout(cfg.ping_timeout);
+    let friends_only = {
+        let server = Arc::clone(&server);
+        move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| server.is_friend(&peer)
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -288,25 +412,49 @@ pub async fn start(
             yamux::Config::default,
         )
         .map_err(|e| NodeError::Net(format!("setting up TCP: {e}")))?
-        .with_behaviour(|key| {
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NodeError::Net(format!("setting up the relay client: {e}")))?
+        .with_behaviour(|key, relay_client| {
             let mdns = if mdns_on {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id()).ok()
             } else {
                 None
             };
+            let relay = relay_server.then(|| {
+                // Friends only: a reservation, and the source of a circuit, must be a friend
+                // (checked on every request, so `peer add` and `peer remove` count at once).
+                // The limits are raised from libp2p's 2 minutes and 128 KiB, which end a pack
+                // transfer, and stay finite.
+                let mut c = relay::Config {
+                    max_circuit_duration: relay_circuit,
+                    max_circuit_bytes: relay_circuit_bytes,
+                    max_circuits: 64,
+                    max_circuits_per_peer: 8,
+                    ..relay::Config::default()
+                };
+                c.reservation_rate_limiters
+                    .push(Box::new(friends_only.clone()));
+                c.circuit_src_rate_limiters
+                    .push(Box::new(friends_only.clone()));
+                relay::Behaviour::new(key.public().to_peer_id(), c)
+            });
             Behaviour {
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_pending_incoming(Some(16))
                         .with_max_established_incoming(Some(MAX_CONNECTIONS))
-                        .with_max_established_per_peer(Some(2)),
+                        // A relayed connection, a hole-punched one and a direct one may meet.
+                        .with_max_established_per_peer(Some(4)),
                 ),
                 identify: identify::Behaviour::new(
                     identify::Config::new("/obnam/id/1".into(), key.public())
+                        .with_interval(identify_interval)
+                        .with_push_listen_addr_updates(true)
                         // Off, identify neither caches nor offers peers' announced addresses.
                         .with_cache_size(if learn_addresses { 100 } else { 0 }),
                 ),
-                ping: ping::Behaviour::default(),
+                ping: ping::Behaviour::new(ping_config),
                 rr: request_response::Behaviour::with_codec(
                     ExchangeCodec,
                     [(
@@ -320,11 +468,36 @@ pub async fn start(
                 stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
                 upnp: Toggle::from(upnp_on.then(libp2p::upnp::tokio::Behaviour::default)),
+                relay_client,
+                relay: Toggle::from(relay),
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+                autonat: GlobalOnly(autonat::v2::client::Behaviour::new(
+                    rand::make_rng::<rand::rngs::StdRng>(),
+                    autonat::v2::client::Config::default().with_probe_interval(autonat_probe),
+                )),
+                autonat_server: Toggle::from(
+                    autonat_server.then(autonat::v2::server::Behaviour::default),
+                ),
             }
         })
         .map_err(|e| NodeError::Net(format!("setting up behaviours: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
         .build();
+    if let Some(r) = swarm.behaviour_mut().relay.as_mut() {
+        // A relay refuses reservations until it knows an external address of its own; the user
+        // who turned it on says friends can reach this node.
+        r.set_status(Some(relay::Status::Enable));
+    }
+    let external = Arc::new(Mutex::new(Vec::new()));
+    for a in &cfg.external {
+        let addr: Multiaddr = a
+            .parse()
+            .map_err(|e| NodeError::Net(format!("external address {a:?}: {e}")))?;
+        swarm.add_external_address(addr.clone());
+        if let Ok(mut e) = external.lock() {
+            e.push(addr);
+        }
+    }
     let mut pending = 0usize;
     for a in &cfg.listen {
         let addr: Multiaddr = a
@@ -379,12 +552,21 @@ pub async fn start(
     }
     let (tx, rx) = mpsc::channel(256);
     let connected = Arc::new(Mutex::new(HashSet::new()));
+    let paths = Arc::new(Mutex::new(HashMap::new()));
+    let unreachable = Arc::new(Mutex::new(HashSet::new()));
+    let addrs_changed = Arc::new(tokio::sync::Notify::new());
+    let public = !cfg.external.is_empty();
     let net = Net {
         peer_id,
         tx,
         control,
         addrs: Arc::clone(&addrs),
+        external: Arc::clone(&external),
         connected: Arc::clone(&connected),
+        paths: Arc::clone(&paths),
+        unreachable: Arc::clone(&unreachable),
+        addrs_changed: Arc::clone(&addrs_changed),
+        key: net_key,
     };
     let (resp_tx, resp_rx) = mpsc::channel(MAX_INBOUND);
     let ev = EventLoop {
@@ -399,6 +581,16 @@ pub async fn start(
         connected,
         strangers: HashSet::new(),
         learn_addresses,
+        external,
+        paths,
+        unreachable,
+        addrs_changed,
+        public,
+        max_relays: cfg.max_relays,
+        relays: HashMap::new(),
+        reservations: HashMap::new(),
+        hole_punched: HashSet::new(),
+        direct_addrs: HashMap::new(),
     };
     Ok((net, tokio::spawn(ev.run())))
 }
@@ -419,6 +611,21 @@ pub struct EventLoop {
     /// Inbound connections from strangers, at most [`MAX_STRANGER_CONNECTIONS`].
     strangers: HashSet<libp2p::swarm::ConnectionId>,
     learn_addresses: bool,
+    external: Arc<Mutex<Vec<Multiaddr>>>,
+    paths: Arc<Mutex<HashMap<PeerId, PeerConns>>>,
+    unreachable: Arc<Mutex<HashSet<PeerId>>>,
+    addrs_changed: Arc<tokio::sync::Notify>,
+    /// Reachable directly: an external address is confirmed (AutoNAT) or configured.
+    public: bool,
+    max_relays: usize,
+    /// Friends that serve relays, and where we reach them directly.
+    relays: HashMap<PeerId, Multiaddr>,
+    /// Our reservations, by relay.
+    reservations: HashMap<PeerId, ListenerId>,
+    /// Connections DCUtR made.
+    hole_punched: HashSet<ConnectionId>,
+    /// Direct (not relayed) addresses of friends, to try again while only a relay reaches them.
+    direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 impl EventLoop {
@@ -450,6 +657,7 @@ impl EventLoop {
             Command::AddAddrs { peer, addrs } => {
                 for a in &addrs {
                     self.swarm.add_peer_address(peer, a.clone());
+                    self.remember_direct(peer, a);
                 }
                 if !self.swarm.is_connected(&peer) {
                     // Dial with the addresses themselves: behaviours forget an address after a
@@ -465,21 +673,184 @@ impl EventLoop {
                     }
                 }
             }
+            Command::Upkeep => {
+                self.reserve();
+                self.try_direct();
+            }
         }
+    }
+
+    /// Remembers a direct address of a friend (at most 8 per friend, newest last).
+    fn remember_direct(&mut self, peer: PeerId, addr: &Multiaddr) {
+        if reach::is_relayed(addr) {
+            return;
+        }
+        let list = self.direct_addrs.entry(peer).or_default();
+        list.retain(|a| a != addr);
+        list.push(addr.clone());
+        if list.len() > 8 {
+            list.remove(0);
+        }
+    }
+
+    /// Keeps reservations on up to `max_relays` friend relays while this node is not known to
+    /// be reachable directly.
+    fn reserve(&mut self) {
+        if self.public || self.max_relays == 0 {
+            return;
+        }
+        let server = Arc::clone(&self.server);
+        self.relays.retain(|peer, _| server.is_friend(peer));
+        let candidates: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(p, _)| !self.reservations.contains_key(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (relay, addr) in candidates {
+            if self.reservations.len() >= self.max_relays {
+                break;
+            }
+            let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::info!(%relay, address = %circuit, "reserving a relay slot at a friend");
+                    self.reservations.insert(relay, id);
+                }
+                Err(e) => tracing::debug!(%relay, error = %e, "cannot reserve at relay"),
+            }
+        }
+    }
+
+    /// Friends reached only through a relay: try their direct addresses again.
+    fn try_direct(&mut self) {
+        let relayed_only: Vec<PeerId> = match self.paths.lock() {
+            Ok(p) => p
+                .iter()
+                .filter(|(_, pc)| {
+                    !pc.conns.is_empty()
+                        && pc
+                            .conns
+                            .values()
+                            .all(|c| matches!(c.path, Path::Relayed { .. }))
+                })
+                .map(|(p, _)| *p)
+                .collect(),
+            Err(_) => return,
+        };
+        for peer in relayed_only {
+            let Some(addrs) = self.direct_addrs.get(&peer).cloned() else {
+                continue;
+            };
+            if addrs.is_empty() {
+                continue;
+            }
+            tracing::debug!(%peer, "trying a direct connection to a friend reached through a relay");
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+    }
+
+    fn set_path(&mut self, peer: PeerId, id: ConnectionId, conn: Conn) {
+        if let Ok(mut p) = self.paths.lock() {
+            p.entry(peer).or_default().conns.insert(id, conn);
+        }
+        self.prune(peer);
+    }
+
+    /// Once a better connection to `peer` is open, closes the worse ones: relayed ones when a
+    /// direct one is open, QUIC ones when a TCP one is (TCP costs less CPU per byte for bulk
+    /// transfer). Connections of the same rank are left alone, so both ends never close both.
+    fn prune(&mut self, peer: PeerId) {
+        let close: Vec<ConnectionId> = match self.paths.lock() {
+            Ok(p) => match p.get(&peer) {
+                Some(pc) => {
+                    let best = pc
+                        .conns
+                        .values()
+                        .map(|c| c.path.rank(c.quic))
+                        .max()
+                        .unwrap_or(0);
+                    pc.conns
+                        .iter()
+                        .filter(|(_, c)| c.path.rank(c.quic) < best)
+                        .map(|(id, _)| *id)
+                        .collect()
+                }
+                None => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        };
+        for id in close {
+            tracing::debug!(%peer, "closing a connection now that a better one is open");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn note_addrs_changed(&self) {
+        self.addrs_changed.notify_one();
     }
 
     fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
-                if let Ok(mut a) = self.addrs.lock() {
+                if let Ok(mut a) = self.addrs.lock()
+                    && !a.contains(&address)
+                {
                     a.push(address);
                 }
+                self.note_addrs_changed();
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 if let Ok(mut a) = self.addrs.lock() {
                     a.retain(|x| x != &address);
                 }
+                self.note_addrs_changed();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+                ..
+            } => {
+                if let Ok(mut a) = self.addrs.lock() {
+                    a.retain(|x| !addresses.contains(x));
+                }
+                let relay = self
+                    .reservations
+                    .iter()
+                    .find(|(_, id)| **id == listener_id)
+                    .map(|(p, _)| *p);
+                if let Some(relay) = relay {
+                    // Reserved again at the next upkeep round.
+                    self.reservations.remove(&relay);
+                    tracing::info!(%relay, ?reason, "relay reservation closed");
+                }
+                self.note_addrs_changed();
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                if !reach::is_relayed(&address) {
+                    self.public = true;
+                }
+                if let Ok(mut e) = self.external.lock()
+                    && !e.contains(&address)
+                    && !reach::is_relayed(&address)
+                {
+                    e.push(address);
+                }
+                self.note_addrs_changed();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                if let Ok(mut e) = self.external.lock() {
+                    e.retain(|x| x != &address);
+                    self.public = !e.is_empty();
+                }
+                self.note_addrs_changed();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -495,10 +866,29 @@ impl EventLoop {
                     }
                     self.strangers.insert(connection_id);
                 }
-                tracing::debug!(peer = %peer_id, "connected");
+                let relayed = endpoint.is_relayed();
+                let remote = endpoint.get_remote_address().clone();
+                // A direct connection that opens while the peer is reached through a relay is
+                // the upgrade: DCUtR's hole punch (it names only one of the connections it
+                // makes), or a direct retry.
+                let upgrade = !relayed
+                    && self.paths.lock().ok().is_some_and(|p| {
+                        p.get(&peer_id).is_some_and(|pc| {
+                            pc.conns
+                                .values()
+                                .any(|c| matches!(c.path, Path::Relayed { .. }))
+                        })
+                    });
+                let path = reach::classify(&remote, relayed, upgrade);
+                tracing::debug!(peer = %peer_id, %remote, ?path, "connected");
                 if let Ok(mut c) = self.connected.lock() {
                     c.insert(peer_id);
                 }
+                if endpoint.is_dialer() && !relayed && self.server.is_friend(&peer_id) {
+                    self.remember_direct(peer_id, &remote);
+                }
+                let quic = reach::is_quic(&remote);
+                self.set_path(peer_id, connection_id, Conn { remote, path, quic });
                 self.server.on_connected(peer_id);
             }
             SwarmEvent::ConnectionClosed {
@@ -508,6 +898,15 @@ impl EventLoop {
                 ..
             } => {
                 self.strangers.remove(&connection_id);
+                self.hole_punched.remove(&connection_id);
+                if let Ok(mut p) = self.paths.lock()
+                    && let Some(pc) = p.get_mut(&peer_id)
+                {
+                    pc.conns.remove(&connection_id);
+                    if pc.conns.is_empty() {
+                        p.remove(&peer_id);
+                    }
+                }
                 if num_established == 0 {
                     tracing::debug!(peer = %peer_id, "disconnected");
                     if let Ok(mut c) = self.connected.lock() {
@@ -515,18 +914,106 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "outgoing connection failed");
+                if !self.swarm.is_connected(&peer)
+                    && self.server.is_friend(&peer)
+                    && let Ok(mut u) = self.unreachable.lock()
+                {
+                    u.insert(peer);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
+                connection_id,
                 info,
                 ..
             })) => {
-                // Learn where a peer listens, so we can reach it again after it restarts.
-                if self.learn_addresses && self.server.is_friend(&peer_id) {
-                    for a in info.listen_addrs {
-                        self.swarm.add_peer_address(peer_id, a);
+                if !self.server.is_friend(&peer_id) {
+                    return;
+                }
+                // Learn where a friend listens, so we can reach it again after it restarts.
+                if self.learn_addresses {
+                    for a in &info.listen_addrs {
+                        self.swarm.add_peer_address(peer_id, a.clone());
+                        if reach::is_global(a) {
+                            self.remember_direct(peer_id, a);
+                        }
                     }
                 }
+                // A friend that serves relays, reached directly: a candidate for a reservation.
+                let serves_relay = info.protocols.iter().any(|p| p.as_ref() == HOP_PROTOCOL);
+                let direct = self.paths.lock().ok().and_then(|p| {
+                    p.get(&peer_id)
+                        .and_then(|pc| pc.conns.get(&connection_id))
+                        .filter(|c| !matches!(c.path, Path::Relayed { .. }))
+                        .map(|c| c.remote.clone())
+                });
+                if serves_relay && let Some(addr) = direct {
+                    let addr: Multiaddr = addr
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect();
+                    let known = self.relays.insert(peer_id, addr).is_some();
+                    if !known {
+                        self.reserve();
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(id) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punching made a direct connection");
+                    self.hole_punched.insert(id);
+                    let conn = self.paths.lock().ok().and_then(|p| {
+                        p.get(&remote_peer_id)
+                            .and_then(|pc| pc.conns.get(&id).cloned())
+                    });
+                    if let Some(mut c) = conn {
+                        c.path = Path::HolePunched;
+                        self.set_path(remote_peer_id, id, c);
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying on the relay");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                if let Ok(mut p) = self.paths.lock()
+                    && let Some(pc) = p.get_mut(&peer)
+                {
+                    pc.rtt = Some(rtt);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) => {
+                if !matches!(e, ping::Failure::Unsupported) {
+                    tracing::info!(%peer, error = %e, "ping failed; closing the connection");
+                    self.swarm.close_connection(connection);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
+                tracing::debug!(?ev, "relay client");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => {
+                tracing::debug!(?ev, "relay");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(ev)) => {
+                tracing::debug!(address = %ev.tested_addr, server = %ev.server, ok = ev.result.is_ok(), "AutoNAT probe");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {

@@ -131,6 +131,23 @@ fn addrs_of(f: &Friend) -> Vec<Multiaddr> {
 }
 
 impl Replicator {
+    /// Where to dial a friend: the addresses given to `peer add`, and those of its newest
+    /// signed address record (unless `learn_addresses` is off).
+    fn friend_addrs(&self, f: &Friend) -> Vec<Multiaddr> {
+        let mut addrs = addrs_of(f);
+        if self.repo.config.learn_addresses
+            && let Ok(Some(rec)) = self.repo.store.address_record(&f.peer_id)
+            && let Ok(checked) = crate::addrbook::open(&rec.envelope)
+        {
+            for a in checked.addrs {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        addrs
+    }
+
     /// A replicator for the node's repository and network.
     pub fn new(repo: Repo, net: Net, wake: Arc<Notify>) -> Arc<Self> {
         let (progress, _) = watch::channel(0);
@@ -337,7 +354,7 @@ impl Replicator {
             if let Some(peer) = peer_of(f)
                 && !self.net.is_connected(&peer)
             {
-                self.net.add_addrs(peer, addrs_of(f)).await?;
+                self.net.add_addrs(peer, self.friend_addrs(f)).await?;
             }
         }
         let Some(owner) = owner else { return Ok(()) };
@@ -650,7 +667,7 @@ impl Replicator {
             .map(|t| t.contains(&peer))
             .unwrap_or(false);
         if !taken && let Some(bytes) = self.repo.store.meta("takeover")? {
-            self.net.add_addrs(peer, addrs_of(f)).await?;
+            self.net.add_addrs(peer, self.friend_addrs(f)).await?;
             let statement: obnam_protocol::msg::TakeoverStatement =
                 obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(
                     |e| NodeError::Corrupt {
@@ -674,7 +691,7 @@ impl Replicator {
             }
         }
         let store = &self.repo.store;
-        self.net.add_addrs(peer, addrs_of(f)).await?;
+        self.net.add_addrs(peer, self.friend_addrs(f)).await?;
         let keys = &owner.keys;
         let owner_id = keys.owner_id();
         // Every round asks each friend which of our packs it dropped as lost or corrupt (its scrub

@@ -121,6 +121,9 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> WireError {
     }
 }
 
+/// What the server calls with a friend's addresses from a newer address record.
+pub type OnAddresses = Box<dyn Fn(PeerId, Vec<libp2p::Multiaddr>) + Send + Sync>;
+
 /// Answers friends.
 pub struct Server {
     store: Store,
@@ -142,6 +145,8 @@ pub struct Server {
     /// How long a pack stream may stay silent (between frames, or in the middle of a body).
     pub stream_idle: Duration,
     on_connect: Box<dyn Fn(PeerId) + Send + Sync>,
+    /// Called with a friend's addresses from a newer address record (set once the network runs).
+    pub on_addresses: std::sync::OnceLock<OnAddresses>,
 }
 
 impl Server {
@@ -167,6 +172,7 @@ impl Server {
             hosted_lock: std::sync::Arc::new(Mutex::new(())),
             stream_idle: Duration::from_secs(60),
             on_connect,
+            on_addresses: std::sync::OnceLock::new(),
         }
     }
 
@@ -216,6 +222,32 @@ impl Server {
     pub fn pack_path(&self, owner: &OwnerId, pack: &PackId) -> PathBuf {
         self.owner_dir(owner)
             .join(format!("{}.pack", pack.to_hex()))
+    }
+
+    /// Keeps a checked address record of a friend if it is newer than the one held, and hands
+    /// its addresses to the network (which dials them when the friend is not connected).
+    /// Returns whether it was newer.
+    ///
+    /// # Errors
+    /// `NotFriend` for a record of a node that is not a friend; `Internal` for the store.
+    pub fn learn_addresses(&self, rec: crate::addrbook::Checked) -> Result<bool, WireError> {
+        if !self.is_friend(&rec.peer) {
+            return Err(refuse(
+                ErrorCode::NotFriend,
+                format!("{} is not a friend of {}", rec.peer, self.local),
+            ));
+        }
+        let newer = self
+            .store
+            .put_address_record(&rec.peer.to_bytes(), &rec.record)
+            .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+        if newer {
+            tracing::info!(peer = %rec.peer, seq = rec.seq, addrs = ?rec.addrs, "new address record");
+            if let Some(f) = self.on_addresses.get() {
+                f(rec.peer, rec.addrs);
+            }
+        }
+        Ok(newer)
     }
 
     /// Whether `peer` is a friend.
@@ -520,6 +552,36 @@ impl Server {
                 ))
             }
             Request::DeleteOwner { owner } => self.delete_owner(peer, owner),
+            Request::Addresses(envelope) => {
+                self.friend_check(&peer)?;
+                let rec = crate::addrbook::open(&envelope)
+                    .map_err(|e| refuse(ErrorCode::Malformed, e.to_string()))?;
+                if rec.peer != peer {
+                    return Err(refuse(
+                        ErrorCode::Malformed,
+                        format!(
+                            "address record of {} pushed by {peer}: push your own",
+                            rec.peer
+                        ),
+                    ));
+                }
+                self.learn_addresses(rec)?;
+                Ok(Response::Ok)
+            }
+            Request::WhereIs { peer: whom } => {
+                self.friend_check(&peer)?;
+                let whom = PeerId::from_bytes(&whom)
+                    .map_err(|e| refuse(ErrorCode::Malformed, format!("peer id: {e}")))?;
+                // Only records of friends are kept, and only handed to other friends.
+                if !self.is_friend(&whom) {
+                    return Ok(Response::Addresses(None));
+                }
+                let rec = self
+                    .store
+                    .address_record(&whom.to_bytes())
+                    .map_err(internal)?;
+                Ok(Response::Addresses(rec.map(|r| r.envelope)))
+            }
             Request::Takeover(statement) => {
                 let proven = self
                     .proven

@@ -143,6 +143,17 @@ pub struct PeerInfo {
     pub last_error: Option<String>,
     /// Audits and presence.
     pub audits: FriendAudits,
+    /// How it is reached now, when online: "LAN (TCP)", "direct (QUIC)", "hole-punched (TCP)",
+    /// "relayed via <peer id>".
+    pub path: Option<String>,
+    /// The remote address of that connection.
+    pub path_addr: Option<String>,
+    /// The last ping round trip, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Addresses from its newest signed address record (and the record's sequence number).
+    pub record_addrs: Vec<String>,
+    /// The sequence number of that record.
+    pub record_seq: Option<u64>,
 }
 
 /// `obnam init`.
@@ -268,7 +279,7 @@ pub enum Reply {
     /// For [`Request::Status`].
     Status(Box<StatusReply>),
     /// For [`Request::PeerAdd`].
-    PeerAdded(PeerInfo),
+    PeerAdded(Box<PeerInfo>),
     /// For [`Request::PeerList`].
     Peers(Vec<PeerInfo>),
     /// For [`Request::PeerRemove`].

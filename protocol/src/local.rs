@@ -281,6 +281,34 @@ impl PeerState {
     }
 }
 
+/// A friend's newest signed address record (`addr-book-0`): its sequence number, and the
+/// signed envelope as the friend made it (a libp2p signed peer record; the node checks the
+/// signature before it stores one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AddressRecord {
+    /// The record's sequence number (higher is newer).
+    pub seq: u64,
+    /// The signed envelope.
+    pub envelope: serde_bytes::ByteBuf,
+}
+
+/// Largest encoded [`AddressRecord`] kept or accepted.
+pub const MAX_ADDRESS_RECORD: usize = 8192;
+
+impl AddressRecord {
+    /// Encodes the record.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+    /// Decodes the record.
+    ///
+    /// # Errors
+    /// A bounded [`DecodeError`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode_versioned("address record", bytes, MAX_ADDRESS_RECORD + 64)
+    }
+}
+
 /// Which packs one snapshot uses (`snapshot-packs-0`), as the change from the snapshot just
 /// before it. `base` names that snapshot; `None` means `added` is the whole set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

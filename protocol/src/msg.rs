@@ -155,6 +155,16 @@ pub enum Request {
         /// The owner.
         owner: OwnerId,
     },
+    /// The sender's own newest signed address record (a libp2p signed peer record, at most
+    /// [`crate::local::MAX_ADDRESS_RECORD`] bytes), pushed when its addresses change. Friends
+    /// only.
+    Addresses(ByteBuf),
+    /// What is the newest signed address record you hold of this peer (a friend of both)?
+    /// Friends only; answered [`Response::Addresses`].
+    WhereIs {
+        /// The peer id, as bytes.
+        peer: ByteBuf,
+    },
 }
 
 /// A statement, signed with the **old** owner key in
@@ -321,6 +331,8 @@ pub enum Response {
     },
     /// For [`Request::Dropped`]: at most [`MAX_LIST`] pack ids.
     Dropped(Vec<PackId>),
+    /// For [`Request::WhereIs`]: the newest signed address record held, if any.
+    Addresses(Option<ByteBuf>),
 }
 
 /// A request on [`PACKS_PROTOCOL`].

@@ -18,6 +18,7 @@ pub mod correlated;
 pub mod crash;
 pub mod durability;
 pub mod efficacy;
+pub mod netns;
 pub mod plot;
 pub mod policy;
 pub mod proxy;
@@ -123,6 +124,8 @@ pub struct Node {
     /// The addresses of the first start; later starts listen there again, like a node with a
     /// fixed port.
     pub addrs: Vec<String>,
+    /// Run the node inside this network namespace (`ip netns exec`; root only).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -198,8 +201,31 @@ impl Node {
             peer_id: String::new(),
             run_as: None,
             addrs: Vec::new(),
+            netns: None,
             child: None,
         })
+    }
+
+    /// A node that is not started yet and will run inside network namespace `netns`,
+    /// listening on every address of it with TCP and QUIC on port 4411 (each namespace has its
+    /// own ports). `config` is appended to its `config.toml`.
+    ///
+    /// # Errors
+    /// When the directory or config cannot be written.
+    pub fn new_in_netns(
+        bins: &Bins,
+        name: &str,
+        data_dir: &Path,
+        netns: &str,
+        config: &str,
+    ) -> Result<Self> {
+        let mut n = Self::new(bins, name, data_dir, "")?;
+        let text = format!(
+            "listen = [\"/ip4/0.0.0.0/tcp/4411\", \"/ip4/0.0.0.0/udp/4411/quic-v1\"]\nmdns = false\nupnp = false\n{config}"
+        );
+        std::fs::write(data_dir.join("config.toml"), text)?;
+        n.netns = Some(netns.to_owned());
+        Ok(n)
     }
 
     /// The PID of the running process.
@@ -219,7 +245,15 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(&self.bins.node);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` execs the program, so the child's PID is the node's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(&self.bins.node);
+                c
+            }
+            None => Command::new(&self.bins.node),
+        };
         cmd.arg("start")
             .arg("--json")
             .arg("--data-dir")

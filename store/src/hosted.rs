@@ -41,7 +41,7 @@ pub(crate) const FRIEND_HEALTH: TableDefinition<&[u8], &[u8]> =
 /// key can never be bound (or written for) again.
 pub(crate) const RETIRED: TableDefinition<&[u8; 32], &[u8; 32]> = TableDefinition::new("retired-0");
 
-fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) -> StoreError {
+pub(crate) fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) -> StoreError {
     move |source| StoreError::Corrupt { what, source }
 }
 

@@ -9,6 +9,7 @@
 //! | `snapshots-0` | snapshot id → encoded [`SnapshotRecord`] | our snapshots |
 //! | `meta-0` | name → bytes | the signed head, the schema version |
 //! | `files-0` | directory key → [`DirCache`] | the file cache: what the last backup saw of each file |
+//! | `addr-book-0` | peer id bytes → [`AddressRecord`](obnam_protocol::local::AddressRecord) | each friend's newest signed address record ([`addrbook`]) |
 //! | `snapshot-packs-0` | snapshot id → [`PackSetDelta`](obnam_protocol::local::PackSetDelta) | which packs each snapshot uses ([`packsets`]) |
 //!
 //! Pack bodies never go into redb: they are files in the outbox beside it, because redb stores
@@ -20,6 +21,7 @@
 //! every chunk it references is committed.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod addrbook;
 mod error;
 pub mod hosted;
 pub mod packsets;
@@ -190,6 +192,7 @@ impl Store {
             tx.open_table(hosted::FRIEND_HEALTH)?;
             tx.open_table(hosted::DROPPED)?;
             tx.open_multimap_table(hosted::SUSPECT)?;
+            tx.open_table(addrbook::ADDR_BOOK)?;
             let mut meta = tx.open_table(META)?;
             let schema = meta.get(META_SCHEMA)?.map(|v| v.value().to_vec());
             match schema {
