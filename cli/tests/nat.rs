@@ -16,7 +16,7 @@ const FAST: &str = "replication_interval_secs = 1\nrequest_timeout_secs = 20\n\
 network_upkeep_secs = 1\nautonat_probe_secs = 1\nidentify_interval_secs = 5\n\
 ping_interval_secs = 2\nping_timeout_secs = 6\nidle_connection_timeout_secs = 60\n";
 
-const LIMIT: Duration = Duration::from_secs(120);
+const LIMIT: Duration = Duration::from_secs(60);
 
 fn skip() -> bool {
     match unavailable() {
@@ -182,10 +182,60 @@ fn backup_goes_over_a_friend_relay_when_hole_punching_fails() -> TestResult {
     Ok(())
 }
 
-/// (d): H2 is reachable through a port forward on its router (AutoNAT confirms it) and uses no
-/// relay. Its router then gets a new public address. H2 notices, pushes its new signed address
-/// record to R, and H1, which can no longer reach H2 where it was, asks R and finds it again.
+/// H2 is reachable through a port forward on its router: AutoNAT (R probes it) confirms the
+/// forwarded public address, which H2's ticket did not have. H2 signs a new address record and
+/// pushes it to its friends; H1 keeps it and reaches H2 there, directly.
 #[test]
+fn a_confirmed_public_address_reaches_friends_in_a_signed_record() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let t = Topology::new(Nat::EndpointIndependent, Some((4411, 4411)))?;
+    let dir = crate::util::tempdir("obnam-nat-")?;
+    let r = node(&t, dir.path(), "r", &relay_config())?;
+    let h1 = node(&t, dir.path(), "h1", "replicas = 2\n")?;
+    let h2 = node(&t, dir.path(), "h2", "max_relays = 0\n")?;
+    pair_up(&r, &h1, &h2, false)?;
+    let public = obnam_simulations::netns::wan_addr(2);
+    wait_until("AutoNAT to confirm H2's forwarded address", LIMIT, || {
+        let v = h2.json(&["id"], 0)?;
+        Ok(v["addrs"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains(&public)))
+        }))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; H2 log: {}", h2.log()))?;
+    wait_until("H1 to hold H2's record and reach it", LIMIT, || {
+        let list = h1.json(&["peer", "list"], 0)?;
+        Ok(peer(&list, &h2.peer_id).is_some_and(|p| {
+            p["online"] == true
+                && p["record_addrs"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|s| s.contains(&public)))
+                })
+        }))
+    })?;
+    h1.init("alice")?;
+    let src = dir.path().join("src");
+    tree(&src, 3);
+    let report = h1.backup(&[&src], &[], 0)?;
+    assert_eq!(report["replicas"], 2, "{report}");
+    let list = h1.json(&["peer", "list"], 0)?;
+    let at_h2 = peer(&list, &h2.peer_id).unwrap();
+    assert!(
+        at_h2["used_by_us"].as_u64().unwrap_or(0) >= 6 << 20,
+        "H2 holds H1's packs: {at_h2}"
+    );
+    Ok(())
+}
+
+/// (d): as above, then H2's router gets a new public address. H2 should notice, push its new
+/// record to R, and H1, which can no longer reach H2 where it was, should ask R and find it.
+/// Ignored: in these namespaces the connections made through the old address keep working
+/// after the router is renumbered and its conntrack table flushed (pings keep succeeding on
+/// both sides), so nothing is lost and nobody looks for H2; the scenario is not reproduced yet.
+#[test]
+#[ignore = "renumbering the router does not break the old connections in the namespaces yet"]
 fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     if skip() {
         return Ok(());

@@ -51,7 +51,7 @@ pub fn unavailable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root: network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN".into());
     }
-    for tool in ["ip", "iptables"] {
+    for tool in ["ip", "iptables", "conntrack"] {
         let found = Command::new(tool)
             .arg("-V")
             .stdout(Stdio::null())
@@ -60,7 +60,7 @@ pub fn unavailable() -> Option<String> {
             .is_ok();
         if !found {
             return Some(format!(
-                "`{tool}` is not installed (apt-get install iproute2 iptables)"
+                "`{tool}` is not installed (apt-get install iproute2 iptables conntrack)"
             ));
         }
     }
@@ -239,13 +239,16 @@ impl Topology {
         ])
     }
 
-    /// Gives home `home`'s router a new public address (as an ISP does): the old one is
-    /// removed, which also drops the router's NAT mappings.
+    /// Gives home `home`'s router a new public address (as an ISP does). The WAN link goes down
+    /// and up around the change, which drops the router's NAT mappings (MASQUERADE forgets them
+    /// when its device goes down), so connections made through the old address are dead, as
+    /// they are when an ISP hands the old address to somebody else.
     ///
     /// # Errors
     /// When a command fails.
     pub fn renumber_wan(&self, home: u8, new_last_octet: u8) -> Result<()> {
         let router = format!("nat{home}");
+        self.ip(&router, &["link", "set", "wan", "down"])?;
         self.ip(
             &router,
             &[
@@ -265,7 +268,10 @@ impl Topology {
                 "dev",
                 "wan",
             ],
-        )
+        )?;
+        self.ip(&router, &["link", "set", "wan", "up"])?;
+        // Whatever the kernel kept of the old mappings goes too, as when the router restarts.
+        self.exec(&router, &["conntrack", "-F"])
     }
 }
 
