@@ -110,7 +110,7 @@ fn hole_punching_makes_homes_direct_and_restore_comes_from_a_home() -> TestResul
     wait_until("H1 and H2 to be hole-punched", LIMIT, || {
         Ok(path_to(&h1, &h2)?.is_some_and(|p| p.starts_with("hole-punched")))
     })
-    .map_err(|e| anyhow::anyhow!("{e}; H1 log: {}", h1.log()))?;
+    .map_err(|e| anyhow::anyhow!("{e}; H1 log: {}\nH2 log: {}", h1.log(), h2.log()))?;
     assert!(
         path_to(&h2, &h1)?.is_some_and(|p| !p.starts_with("relayed")),
         "H2 reaches H1 directly too"
@@ -229,13 +229,12 @@ fn a_confirmed_public_address_reaches_friends_in_a_signed_record() -> TestResult
     Ok(())
 }
 
-/// (d): as above, then H2's router gets a new public address. H2 should notice, push its new
-/// record to R, and H1, which can no longer reach H2 where it was, should ask R and find it.
-/// Ignored: in these namespaces the connections made through the old address keep working
-/// after the router is renumbered and its conntrack table flushed (pings keep succeeding on
-/// both sides), so nothing is lost and nobody looks for H2; the scenario is not reproduced yet.
+/// (d): as above, then H2's router gets a new public address (its port forward follows it, the
+/// old mappings are gone). H2 notices through AutoNAT, signs a new address record and pushes it
+/// to the friends it reaches (R; H1 is behind NAT without a relay, so H2 cannot reach it); H1,
+/// which can no longer reach H2 where it was, asks its other friends for H2's newest record and
+/// finds H2 again at the new address.
 #[test]
-#[ignore = "renumbering the router does not break the old connections in the namespaces yet"]
 fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     if skip() {
         return Ok(());
@@ -243,7 +242,8 @@ fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     let t = Topology::new(Nat::EndpointIndependent, Some((4411, 4411)))?;
     let dir = crate::util::tempdir("obnam-nat-")?;
     let r = node(&t, dir.path(), "r", &relay_config())?;
-    let h1 = node(&t, dir.path(), "h1", "replicas = 2\n")?;
+    // No relay for H1 either: H2 cannot reach H1, so H1 must ask R where H2 went.
+    let h1 = node(&t, dir.path(), "h1", "replicas = 2\nmax_relays = 0\n")?;
     let h2 = node(&t, dir.path(), "h2", "max_relays = 0\n")?;
     pair_up(&r, &h1, &h2, false)?;
     let old = obnam_simulations::netns::wan_addr(2);
@@ -271,6 +271,12 @@ fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     tree(&src, 3);
     h1.backup(&[&src], &[], 0)?;
     // The ISP gives home 2 a new address.
+    let learned = |n: &Node| {
+        n.log()
+            .matches("learned a friend's new addresses from another friend")
+            .count()
+    };
+    let before = learned(&h1);
     t.renumber_wan(2, 22)?;
     let new = "198.51.100.22";
     wait_until("H1 to find H2 at its new address", LIMIT, || {
@@ -280,6 +286,15 @@ fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
         }))
     })
     .map_err(|e| anyhow::anyhow!("{e}; H1 log: {}\nH2 log: {}", h1.log(), h2.log()))?;
+    let list = h1.json(&["peer", "list"], 0)?;
+    let rec = &peer(&list, &h2.peer_id).unwrap()["record_addrs"];
+    assert!(
+        rec.as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.contains(new)))),
+        "H1 holds H2's new signed record: {rec}"
+    );
+    assert!(learned(&h1) > before, "H1 asked R for H2's new record");
     // And the exchange goes on there: a new backup reaches both friends.
     std::fs::write(src.join("docs/new.bin"), noise(3 << 20, 9))?;
     let report = h1.backup(&[&src], &[], 0)?;

@@ -269,7 +269,10 @@ impl Net {
     pub fn path(&self, peer: &PeerId) -> Option<PeerPath> {
         let paths = self.paths.lock().ok()?;
         let pc = paths.get(peer)?;
-        let best = pc.conns.values().max_by_key(|c| c.path.rank(c.quic))?;
+        let best = pc
+            .conns
+            .values()
+            .max_by_key(|c| (c.path.rank(c.quic), c.path == Path::HolePunched))?;
         Some(PeerPath {
             path: best.path.describe(best.quic),
             addr: best.remote.to_string(),
@@ -590,6 +593,8 @@ pub async fn start(
         relays: HashMap::new(),
         reservations: HashMap::new(),
         hole_punched: HashSet::new(),
+        reserved_here: HashSet::new(),
+        relayed_at: HashMap::new(),
         direct_addrs: HashMap::new(),
     };
     Ok((net, tokio::spawn(ev.run())))
@@ -624,6 +629,11 @@ pub struct EventLoop {
     reservations: HashMap<PeerId, ListenerId>,
     /// Connections DCUtR made.
     hole_punched: HashSet<ConnectionId>,
+    /// Friends holding a reservation at our relay.
+    reserved_here: HashSet<PeerId>,
+    /// When a relayed connection to a peer last opened: a direct one within a minute of it is
+    /// the hole punch (or a direct retry), whichever side dialed.
+    relayed_at: HashMap<PeerId, std::time::Instant>,
     /// Direct (not relayed) addresses of friends, to try again while only a relay reaches them.
     direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
 }
@@ -720,6 +730,49 @@ impl EventLoop {
                 Err(e) => tracing::debug!(%relay, error = %e, "cannot reserve at relay"),
             }
         }
+        let held: Vec<PeerId> = self.reservations.keys().copied().collect();
+        for relay in held {
+            self.both_transports(relay);
+        }
+    }
+
+    /// Keeps a direct TCP and a direct QUIC connection to a relay we hold a reservation at, so
+    /// that identify on each tells us our public address for both transports: DCUtR can only
+    /// punch holes for the transports it has such an address of (QUIC first, then TCP).
+    fn both_transports(&mut self, relay: PeerId) {
+        let (mut tcp, mut quic) = (false, false);
+        if let Ok(p) = self.paths.lock()
+            && let Some(pc) = p.get(&relay)
+        {
+            for c in pc.conns.values() {
+                if !matches!(c.path, Path::Relayed { .. }) {
+                    if c.quic {
+                        quic = true;
+                    } else {
+                        tcp = true;
+                    }
+                }
+            }
+        }
+        let addrs = self.direct_addrs.get(&relay).cloned().unwrap_or_default();
+        for (missing, want_quic) in [(!tcp, false), (!quic, true)] {
+            if !missing {
+                continue;
+            }
+            let Some(addr) = addrs
+                .iter()
+                .rev()
+                .find(|a| reach::is_quic(a) == want_quic)
+                .cloned()
+            else {
+                continue;
+            };
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(relay)
+                .addresses(vec![addr])
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
     }
 
     /// Friends reached only through a relay: try their direct addresses again.
@@ -765,18 +818,21 @@ impl EventLoop {
     /// direct one is open, QUIC ones when a TCP one is (TCP costs less CPU per byte for bulk
     /// transfer). Connections of the same rank are left alone, so both ends never close both.
     fn prune(&mut self, peer: PeerId) {
+        // Between a relay and the friends that reserve at it both transports stay open (see
+        // `both_transports`); only relayed connections give way there.
+        let keep_both = self.relays.contains_key(&peer) || self.reserved_here.contains(&peer);
         let close: Vec<ConnectionId> = match self.paths.lock() {
             Ok(p) => match p.get(&peer) {
                 Some(pc) => {
                     let best = pc
                         .conns
                         .values()
-                        .map(|c| c.path.rank(c.quic))
+                        .map(|c| c.path.rank(c.quic && !keep_both))
                         .max()
                         .unwrap_or(0);
                     pc.conns
                         .iter()
-                        .filter(|(_, c)| c.path.rank(c.quic) < best)
+                        .filter(|(_, c)| c.path.rank(c.quic && !keep_both) < best)
                         .map(|(id, _)| *id)
                         .collect()
                 }
@@ -871,14 +927,21 @@ impl EventLoop {
                 // A direct connection that opens while the peer is reached through a relay is
                 // the upgrade: DCUtR's hole punch (it names only one of the connections it
                 // makes), or a direct retry.
+                let now = std::time::Instant::now();
+                if relayed {
+                    self.relayed_at.insert(peer_id, now);
+                }
+                self.relayed_at
+                    .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
                 let upgrade = !relayed
-                    && self.paths.lock().ok().is_some_and(|p| {
-                        p.get(&peer_id).is_some_and(|pc| {
-                            pc.conns
-                                .values()
-                                .any(|c| matches!(c.path, Path::Relayed { .. }))
-                        })
-                    });
+                    && (self.relayed_at.contains_key(&peer_id)
+                        || self.paths.lock().ok().is_some_and(|p| {
+                            p.get(&peer_id).is_some_and(|pc| {
+                                pc.conns
+                                    .values()
+                                    .any(|c| matches!(c.path, Path::Relayed { .. }))
+                            })
+                        }));
                 let path = reach::classify(&remote, relayed, upgrade);
                 tracing::debug!(peer = %peer_id, %remote, ?path, "connected");
                 if let Ok(mut c) = self.connected.lock() {
@@ -1011,6 +1074,16 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => {
                 tracing::debug!(?ev, "relay");
+                match ev {
+                    relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+                        self.reserved_here.insert(src_peer_id);
+                    }
+                    relay::Event::ReservationClosed { src_peer_id }
+                    | relay::Event::ReservationTimedOut { src_peer_id } => {
+                        self.reserved_here.remove(&src_peer_id);
+                    }
+                    _ => {}
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(ev)) => {
                 tracing::debug!(address = %ev.tested_addr, server = %ev.server, ok = ev.result.is_ok(), "AutoNAT probe");

@@ -44,6 +44,7 @@ pub fn wan_addr(home: u8) -> String {
 pub struct Topology {
     prefix: String,
     made: Vec<String>,
+    forward_h2: Option<(u16, u16)>,
 }
 
 /// Why the NAT tests cannot run here, if they cannot: not root, or `ip`/`iptables` missing.
@@ -100,6 +101,7 @@ impl Topology {
         let mut t = Self {
             prefix,
             made: Vec::new(),
+            forward_h2,
         };
         t.build(nat, forward_h2)?;
         Ok(t)
@@ -200,33 +202,41 @@ impl Topology {
                 &["iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP"],
             )?;
             if home == 2
-                && let Some((tcp, udp)) = forward_h2
+                && let Some(ports) = forward_h2
             {
-                for (proto, port) in [("tcp", tcp), ("udp", udp)] {
-                    let port = port.to_string();
-                    let to = format!("10.0.2.2:{port}");
-                    self.exec(
-                        &router,
-                        &[
-                            "iptables",
-                            "-t",
-                            "nat",
-                            "-A",
-                            "PREROUTING",
-                            "-i",
-                            "wan",
-                            "-p",
-                            proto,
-                            "--dport",
-                            &port,
-                            "-j",
-                            "DNAT",
-                            "--to-destination",
-                            &to,
-                        ],
-                    )?;
-                }
+                self.forward(&wan_addr(2), ports)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Home 2's port forward: `ports` (TCP, UDP) on the router's public address `wan` go to H2.
+    fn forward(&self, wan: &str, (tcp, udp): (u16, u16)) -> Result<()> {
+        for (proto, port) in [("tcp", tcp), ("udp", udp)] {
+            let port = port.to_string();
+            let to = format!("10.0.2.2:{port}");
+            self.exec(
+                "nat2",
+                &[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-i",
+                    "wan",
+                    "-d",
+                    wan,
+                    "-p",
+                    proto,
+                    "--dport",
+                    &port,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to,
+                ],
+            )?;
         }
         Ok(())
     }
@@ -270,8 +280,21 @@ impl Topology {
             ],
         )?;
         self.ip(&router, &["link", "set", "wan", "up"])?;
-        // Whatever the kernel kept of the old mappings goes too, as when the router restarts.
-        self.exec(&router, &["conntrack", "-F"])
+        let new = format!("198.51.100.{new_last_octet}");
+        // The port forward follows the router's address.
+        if home == 2
+            && let Some(ports) = self.forward_h2
+        {
+            self.exec(&router, &["iptables", "-t", "nat", "-F", "PREROUTING"])?;
+            self.forward(&new, ports)?;
+        }
+        // Whatever the kernel kept of the old mappings goes too, as when the router restarts,
+        // and the rest of the internet forgets where the old address was.
+        self.exec(&router, &["conntrack", "-F"])?;
+        for other in ["r", "nat1", "nat2"] {
+            self.ip(other, &["neigh", "flush", "all"])?;
+        }
+        Ok(())
     }
 }
 
