@@ -307,3 +307,30 @@ fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     compare_trees(&src, &restored(&target, &src), &[])?;
     Ok(())
 }
+
+/// A friend relay serves friends only: a node that R has not befriended is refused a
+/// reservation (its ticket never shows a relayed address), and is served once R adds it. On
+/// 127.0.0.1, no namespaces: AutoNAT never probes loopback, so the node counts as unreachable
+/// and asks for a reservation.
+#[test]
+fn a_friend_relay_serves_only_friends() -> TestResult {
+    let dir = crate::util::tempdir("obnam-relay-")?;
+    let mut r = Node::new(
+        &bins(),
+        "r",
+        &dir.path().join("r"),
+        &format!("{FAST}relay_server = true\n"),
+    )?;
+    r.start()?;
+    let mut s = Node::new(&bins(), "s", &dir.path().join("s"), FAST)?;
+    s.start()?;
+    s.add_peer(&r, &[])?;
+    wait_until("R to refuse S a reservation", LIMIT, || {
+        Ok(s.log().contains("ResourceLimitExceeded"))
+    })?;
+    assert!(!has_relay_addr(&s)?, "a stranger got a reservation");
+    r.add_peer(&s, &[])?;
+    wait_until("S to hold a reservation at R", LIMIT, || has_relay_addr(&s))
+        .map_err(|e| anyhow::anyhow!("{e}; S log: {}\nR log: {}", s.log(), r.log()))?;
+    Ok(())
+}

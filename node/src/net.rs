@@ -521,6 +521,9 @@ pub async fn start(
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { listener_id, address } => {
                     bound.insert(listener_id);
+                    if cfg.relay_server && cfg.external.is_empty() {
+                        swarm.add_external_address(address.clone());
+                    }
                     if let Ok(mut a) = addrs.lock() { a.push(address); }
                 }
                 SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
@@ -558,7 +561,8 @@ pub async fn start(
     let paths = Arc::new(Mutex::new(HashMap::new()));
     let unreachable = Arc::new(Mutex::new(HashSet::new()));
     let addrs_changed = Arc::new(tokio::sync::Notify::new());
-    let public = !cfg.external.is_empty();
+    // A relay server serves others and reserves nowhere itself.
+    let public = !cfg.external.is_empty() || cfg.relay_server;
     let net = Net {
         peer_id,
         tx,
@@ -594,6 +598,8 @@ pub async fn start(
         reservations: HashMap::new(),
         hole_punched: HashSet::new(),
         reserved_here: HashSet::new(),
+        announce_listen: cfg.relay_server && cfg.external.is_empty(),
+        reserve_backoff: HashMap::new(),
         relayed_at: HashMap::new(),
         direct_addrs: HashMap::new(),
     };
@@ -631,6 +637,10 @@ pub struct EventLoop {
     hole_punched: HashSet<ConnectionId>,
     /// Friends holding a reservation at our relay.
     reserved_here: HashSet<PeerId>,
+    /// A relay server with no `external_addresses`: its listen addresses are announced instead.
+    announce_listen: bool,
+    /// Relays that refused a reservation: when to ask again, and refusals in a row.
+    reserve_backoff: HashMap<PeerId, (std::time::Instant, u32)>,
     /// When a relayed connection to a peer last opened: a direct one within a minute of it is
     /// the hole punch (or a direct retry), whichever side dialed.
     relayed_at: HashMap<PeerId, std::time::Instant>,
@@ -711,10 +721,12 @@ impl EventLoop {
         }
         let server = Arc::clone(&self.server);
         self.relays.retain(|peer, _| server.is_friend(peer));
+        let now = std::time::Instant::now();
         let candidates: Vec<(PeerId, Multiaddr)> = self
             .relays
             .iter()
             .filter(|(p, _)| !self.reservations.contains_key(p))
+            .filter(|(p, _)| self.reserve_backoff.get(p).is_none_or(|(at, _)| *at <= now))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
         for (relay, addr) in candidates {
@@ -854,6 +866,11 @@ impl EventLoop {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                if self.announce_listen && !reach::is_relayed(&address) {
+                    // A relay hands its external addresses to friends in every reservation; its
+                    // owner, who turned it on without naming any, says friends reach it here.
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Ok(mut a) = self.addrs.lock()
                     && !a.contains(&address)
                 {
@@ -882,9 +899,21 @@ impl EventLoop {
                     .find(|(_, id)| **id == listener_id)
                     .map(|(p, _)| *p);
                 if let Some(relay) = relay {
-                    // Reserved again at the next upkeep round.
+                    // Reserved again at an upkeep round: at once after a closed connection, and
+                    // after 2, 4, 8 … up to 300 s after refusals in a row, so a relay that does
+                    // not (yet) count us as a friend is not hammered into its rate limits.
                     self.reservations.remove(&relay);
                     tracing::info!(%relay, ?reason, "relay reservation closed");
+                    if reason.is_err() {
+                        let (_, fails) = self
+                            .reserve_backoff
+                            .get(&relay)
+                            .copied()
+                            .unwrap_or((std::time::Instant::now(), 0));
+                        let wait = Duration::from_secs((2u64 << fails.min(8)).min(300));
+                        self.reserve_backoff
+                            .insert(relay, (std::time::Instant::now() + wait, fails + 1));
+                    }
                 }
                 self.note_addrs_changed();
             }
@@ -1071,6 +1100,9 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
                 tracing::debug!(?ev, "relay client");
+                if let relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } = ev {
+                    self.reserve_backoff.remove(&relay_peer_id);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => {
                 tracing::debug!(?ev, "relay");
