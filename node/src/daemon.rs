@@ -220,7 +220,9 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         ping_timeout: Duration::from_secs(config.ping_timeout_secs.max(1)),
     };
     let (net, net_task) = net::start(key, net_config, Arc::clone(&server)).await?;
-    {
+    // With `learn_addresses = false` friends are dialed only at their `peer add` addresses:
+    // records are still kept, never dialed.
+    if config.learn_addresses {
         let net = net.clone();
         let handle = tokio::runtime::Handle::current();
         let _ = server.on_addresses.set(Box::new(move |peer, addrs| {
