@@ -152,9 +152,14 @@ fn backup_goes_over_a_friend_relay_when_hole_punching_fails() -> TestResult {
     let t = Topology::new(Nat::Symmetric, None)?;
     let dir = crate::util::tempdir("obnam-nat-")?;
     let r = node(&t, dir.path(), "r", &relay_config())?;
-    // R holds nothing of H1's: replicas = 1 on H2 only would need R as the relay alone.
-    let h1 = node(&t, dir.path(), "h1", "replicas = 2\n")?;
-    let h2 = node(&t, dir.path(), "h2", "")?;
+    // Both homes try hole punching again every 3 s while they are reached only through R.
+    let h1 = node(
+        &t,
+        dir.path(),
+        "h1",
+        "replicas = 2\nhole_punch_retry_secs = 3\n",
+    )?;
+    let h2 = node(&t, dir.path(), "h2", "hole_punch_retry_secs = 3\n")?;
     pair_up(&r, &h1, &h2, true)?;
     wait_until("H1 to reach H2", LIMIT, || Ok(path_to(&h1, &h2)?.is_some()))?;
     h1.init("alice")?;
@@ -173,12 +178,20 @@ fn backup_goes_over_a_friend_relay_when_hole_punching_fails() -> TestResult {
         at_h2["used_by_us"].as_u64().unwrap_or(0) >= 6 << 20,
         "H2 holds H1's packs: {at_h2}"
     );
+    // A direct path is tried again, through a new relayed connection, and fails again here.
+    wait_until("a home to try hole punching again", LIMIT, || {
+        Ok([&h1, &h2]
+            .iter()
+            .any(|h| h.log().contains("trying hole punching again")))
+    })?;
     let target = dir.path().join("restore");
     h1.json(
         &["restore", "latest", "--target", target.to_str().unwrap()],
         0,
     )?;
     compare_trees(&src, &restored(&target, &src), &[])?;
+    let p = path_to(&h1, &h2)?.unwrap_or_default();
+    assert!(p.starts_with("relayed via"), "still on the relay: {p}");
     Ok(())
 }
 

@@ -95,6 +95,9 @@ pub struct NodeConfig {
     /// Seconds a ping may take; a connection whose ping fails is closed (a dead path, such as a
     /// router that changed its address, is noticed and replaced).
     pub ping_timeout_secs: u64,
+    /// Seconds between two tries of hole punching to a friend still reached only through a
+    /// relay (DCUtR itself tries 3 times when a relayed connection opens).
+    pub hole_punch_retry_secs: u64,
 }
 
 impl Default for NodeConfig {
@@ -139,6 +142,7 @@ impl Default for NodeConfig {
             external_addresses: Vec::new(),
             ping_interval_secs: 15,
             ping_timeout_secs: 20,
+            hole_punch_retry_secs: 600,
         }
     }
 }

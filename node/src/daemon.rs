@@ -218,6 +218,7 @@ pub async fn run(mut opts: StartOptions) -> Result<(), NodeError> {
         external: config.external_addresses.clone(),
         ping_interval: Duration::from_secs(config.ping_interval_secs.max(1)),
         ping_timeout: Duration::from_secs(config.ping_timeout_secs.max(1)),
+        hole_punch_retry: Duration::from_secs(config.hole_punch_retry_secs.max(1)),
     };
     let (net, net_task) = net::start(key, net_config, Arc::clone(&server)).await?;
     // With `learn_addresses = false` friends are dialed only at their `peer add` addresses:

@@ -377,6 +377,8 @@ pub struct NetConfig {
     pub external: Vec<String>,
     /// Between pings.
     pub ping_interval: Duration,
+    /// Between hole-punch tries to a friend reached only through a relay.
+    pub hole_punch_retry: Duration,
     /// A ping that takes longer fails, and its connection is closed.
     pub ping_timeout: Duration,
 }
@@ -598,6 +600,10 @@ pub async fn start(
         reservations: HashMap::new(),
         hole_punched: HashSet::new(),
         reserved_here: HashSet::new(),
+        hole_punch_retry: cfg.hole_punch_retry,
+        last_punch: HashMap::new(),
+        punching: HashSet::new(),
+        punch_conns: HashMap::new(),
         announce_listen: cfg.relay_server && cfg.external.is_empty(),
         reserve_backoff: HashMap::new(),
         relayed_at: HashMap::new(),
@@ -637,6 +643,14 @@ pub struct EventLoop {
     hole_punched: HashSet<ConnectionId>,
     /// Friends holding a reservation at our relay.
     reserved_here: HashSet<PeerId>,
+    /// Between two hole-punch tries to a friend reached only through a relay.
+    hole_punch_retry: Duration,
+    /// When hole punching to a friend was last tried again (or first seen relayed-only).
+    last_punch: HashMap<PeerId, std::time::Instant>,
+    /// Friends a relayed connection is being opened to, to punch again.
+    punching: HashSet<PeerId>,
+    /// Those extra relayed connections, and when they opened.
+    punch_conns: HashMap<ConnectionId, std::time::Instant>,
     /// A relay server with no `external_addresses`: its listen addresses are announced instead.
     announce_listen: bool,
     /// Relays that refused a reservation: when to ask again, and refusals in a row.
@@ -803,6 +817,21 @@ impl EventLoop {
                 .collect(),
             Err(_) => return,
         };
+        let now = std::time::Instant::now();
+        // Extra relayed connections made to punch again have done their work after 30 s.
+        let done: Vec<ConnectionId> = self
+            .punch_conns
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= Duration::from_secs(30))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.punch_conns.remove(&id);
+            self.swarm.close_connection(id);
+        }
+        for peer in relayed_only.iter().copied() {
+            self.punch_again(peer, now);
+        }
         for peer in relayed_only {
             let Some(addrs) = self.direct_addrs.get(&peer).cloned() else {
                 continue;
@@ -816,6 +845,38 @@ impl EventLoop {
                 .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
                 .build();
             let _ = self.swarm.dial(opts);
+        }
+    }
+
+    /// A friend still reached only through a relay, `hole_punch_retry` after the last try:
+    /// opens a second relayed connection to it, which makes its side (the reservation holder)
+    /// run DCUtR again. The extra connection is closed 30 s later (`try_direct`).
+    fn punch_again(&mut self, peer: PeerId, now: std::time::Instant) {
+        let last = *self.last_punch.entry(peer).or_insert(now);
+        if now.duration_since(last) < self.hole_punch_retry {
+            return;
+        }
+        // A circuit address we dialed (the listener side sees only `/p2p/<peer>`).
+        let circuit = self.paths.lock().ok().and_then(|p| {
+            p.get(&peer).and_then(|pc| {
+                pc.conns
+                    .values()
+                    .map(|c| &c.remote)
+                    .find(|a| reach::is_relayed(a) && reach::ip_of(a).is_some())
+                    .cloned()
+            })
+        });
+        let Some(addr) = circuit else { return };
+        self.last_punch.insert(peer, now);
+        tracing::info!(%peer, "trying hole punching again through a new relayed connection");
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "cannot open another relayed connection");
+        } else {
+            self.punching.insert(peer);
         }
     }
 
@@ -980,6 +1041,9 @@ impl EventLoop {
                     self.remember_direct(peer_id, &remote);
                 }
                 let quic = reach::is_quic(&remote);
+                if relayed && self.punching.remove(&peer_id) {
+                    self.punch_conns.insert(connection_id, now);
+                }
                 self.set_path(peer_id, connection_id, Conn { remote, path, quic });
                 self.server.on_connected(peer_id);
             }
@@ -991,6 +1055,7 @@ impl EventLoop {
             } => {
                 self.strangers.remove(&connection_id);
                 self.hole_punched.remove(&connection_id);
+                self.punch_conns.remove(&connection_id);
                 if let Ok(mut p) = self.paths.lock()
                     && let Some(pc) = p.get_mut(&peer_id)
                 {
