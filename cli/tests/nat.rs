@@ -195,6 +195,38 @@ fn backup_goes_over_a_friend_relay_when_hole_punching_fails() -> TestResult {
     Ok(())
 }
 
+/// A topology with H2 behind a port forward and no relay of its own: starts R, H1 (with
+/// `h1_extra`) and H2, pairs them up, and waits until AutoNAT confirms H2's forwarded public
+/// address and H1 holds H2's signed record with it and reaches H2 (H2's ticket had only private
+/// addresses). Returns the nodes and that address.
+fn forwarded_h2(
+    t: &Topology,
+    dir: &Path,
+    h1_extra: &str,
+) -> anyhow::Result<(Node, Node, Node, String)> {
+    let r = node(t, dir, "r", &relay_config())?;
+    let h1 = node(t, dir, "h1", &format!("replicas = 2\n{h1_extra}"))?;
+    let h2 = node(t, dir, "h2", "max_relays = 0\n")?;
+    pair_up(&r, &h1, &h2, false)?;
+    let public = obnam_simulations::netns::wan_addr(2);
+    let has_public = |v: &Value| {
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains(&public)))
+        })
+    };
+    wait_until("AutoNAT to confirm H2's forwarded address", LIMIT, || {
+        Ok(has_public(&h2.json(&["id"], 0)?["addrs"]))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; H2 log: {}", h2.log()))?;
+    wait_until("H1 to hold H2's record and reach it", LIMIT, || {
+        let list = h1.json(&["peer", "list"], 0)?;
+        Ok(peer(&list, &h2.peer_id)
+            .is_some_and(|p| p["online"] == true && has_public(&p["record_addrs"])))
+    })?;
+    Ok((r, h1, h2, public))
+}
+
 /// H2 is reachable through a port forward on its router: AutoNAT (R probes it) confirms the
 /// forwarded public address, which H2's ticket did not have. H2 signs a new address record and
 /// pushes it to its friends; H1 keeps it and reaches H2 there, directly.
@@ -205,29 +237,7 @@ fn a_confirmed_public_address_reaches_friends_in_a_signed_record() -> TestResult
     }
     let t = Topology::new(Nat::EndpointIndependent, Some((4411, 4411)))?;
     let dir = crate::util::tempdir("obnam-nat-")?;
-    let r = node(&t, dir.path(), "r", &relay_config())?;
-    let h1 = node(&t, dir.path(), "h1", "replicas = 2\n")?;
-    let h2 = node(&t, dir.path(), "h2", "max_relays = 0\n")?;
-    pair_up(&r, &h1, &h2, false)?;
-    let public = obnam_simulations::netns::wan_addr(2);
-    wait_until("AutoNAT to confirm H2's forwarded address", LIMIT, || {
-        let v = h2.json(&["id"], 0)?;
-        Ok(v["addrs"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.contains(&public)))
-        }))
-    })
-    .map_err(|e| anyhow::anyhow!("{e}; H2 log: {}", h2.log()))?;
-    wait_until("H1 to hold H2's record and reach it", LIMIT, || {
-        let list = h1.json(&["peer", "list"], 0)?;
-        Ok(peer(&list, &h2.peer_id).is_some_and(|p| {
-            p["online"] == true
-                && p["record_addrs"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|x| x.as_str().is_some_and(|s| s.contains(&public)))
-                })
-        }))
-    })?;
+    let (_r, h1, h2, _) = forwarded_h2(&t, dir.path(), "")?;
     h1.init("alice")?;
     let src = dir.path().join("src");
     tree(&src, 3);
@@ -254,31 +264,8 @@ fn a_friend_that_changed_its_address_is_found_again() -> TestResult {
     }
     let t = Topology::new(Nat::EndpointIndependent, Some((4411, 4411)))?;
     let dir = crate::util::tempdir("obnam-nat-")?;
-    let r = node(&t, dir.path(), "r", &relay_config())?;
     // No relay for H1 either: H2 cannot reach H1, so H1 must ask R where H2 went.
-    let h1 = node(&t, dir.path(), "h1", "replicas = 2\nmax_relays = 0\n")?;
-    let h2 = node(&t, dir.path(), "h2", "max_relays = 0\n")?;
-    pair_up(&r, &h1, &h2, false)?;
-    let old = obnam_simulations::netns::wan_addr(2);
-    wait_until("AutoNAT to confirm H2's forwarded address", LIMIT, || {
-        let v = h2.json(&["id"], 0)?;
-        Ok(v["addrs"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.contains(&old)))
-        }))
-    })
-    .map_err(|e| anyhow::anyhow!("{e}; H2 log: {}", h2.log()))?;
-    // H1 learns the public address from H2's record (its ticket had only private ones).
-    wait_until("H1 to hold H2's record and reach it", LIMIT, || {
-        let list = h1.json(&["peer", "list"], 0)?;
-        Ok(peer(&list, &h2.peer_id).is_some_and(|p| {
-            p["online"] == true
-                && p["record_addrs"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|x| x.as_str().is_some_and(|s| s.contains(&old)))
-                })
-        }))
-    })?;
+    let (_r, h1, h2, _) = forwarded_h2(&t, dir.path(), "max_relays = 0\n")?;
     h1.init("alice")?;
     let src = dir.path().join("src");
     tree(&src, 3);
