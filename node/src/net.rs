@@ -563,8 +563,6 @@ pub async fn start(
     let paths = Arc::new(Mutex::new(HashMap::new()));
     let unreachable = Arc::new(Mutex::new(HashSet::new()));
     let addrs_changed = Arc::new(tokio::sync::Notify::new());
-    // A relay server serves others and reserves nowhere itself.
-    let public = !cfg.external.is_empty() || cfg.relay_server;
     let net = Net {
         peer_id,
         tx,
@@ -594,11 +592,10 @@ pub async fn start(
         paths,
         unreachable,
         addrs_changed,
-        public,
+        relay_server: cfg.relay_server,
         max_relays: cfg.max_relays,
         relays: HashMap::new(),
         reservations: HashMap::new(),
-        hole_punched: HashSet::new(),
         reserved_here: HashSet::new(),
         hole_punch_retry: cfg.hole_punch_retry,
         last_punch: HashMap::new(),
@@ -632,15 +629,13 @@ pub struct EventLoop {
     paths: Arc<Mutex<HashMap<PeerId, PeerConns>>>,
     unreachable: Arc<Mutex<HashSet<PeerId>>>,
     addrs_changed: Arc<tokio::sync::Notify>,
-    /// Reachable directly: an external address is confirmed (AutoNAT) or configured.
-    public: bool,
+    /// A relay server serves others and reserves nowhere itself.
+    relay_server: bool,
     max_relays: usize,
     /// Friends that serve relays, and where we reach them directly.
     relays: HashMap<PeerId, Multiaddr>,
     /// Our reservations, by relay.
     reservations: HashMap<PeerId, ListenerId>,
-    /// Connections DCUtR made.
-    hole_punched: HashSet<ConnectionId>,
     /// Friends holding a reservation at our relay.
     reserved_here: HashSet<PeerId>,
     /// Between two hole-punch tries to a friend reached only through a relay.
@@ -727,10 +722,16 @@ impl EventLoop {
         }
     }
 
+    /// Reachable directly: a relay server, or an external address confirmed by AutoNAT or
+    /// configured (relayed addresses do not count; they never enter `external`).
+    fn reachable(&self) -> bool {
+        self.relay_server || self.external.lock().is_ok_and(|e| !e.is_empty())
+    }
+
     /// Keeps reservations on up to `max_relays` friend relays while this node is not known to
     /// be reachable directly.
     fn reserve(&mut self) {
-        if self.public || self.max_relays == 0 {
+        if self.reachable() || self.max_relays == 0 {
             return;
         }
         let server = Arc::clone(&self.server);
@@ -980,9 +981,6 @@ impl EventLoop {
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
-                if !reach::is_relayed(&address) {
-                    self.public = true;
-                }
                 if let Ok(mut e) = self.external.lock()
                     && !e.contains(&address)
                     && !reach::is_relayed(&address)
@@ -994,7 +992,6 @@ impl EventLoop {
             SwarmEvent::ExternalAddrExpired { address } => {
                 if let Ok(mut e) = self.external.lock() {
                     e.retain(|x| x != &address);
-                    self.public = !e.is_empty();
                 }
                 self.note_addrs_changed();
             }
@@ -1054,7 +1051,6 @@ impl EventLoop {
                 ..
             } => {
                 self.strangers.remove(&connection_id);
-                self.hole_punched.remove(&connection_id);
                 self.punch_conns.remove(&connection_id);
                 if let Ok(mut p) = self.paths.lock()
                     && let Some(pc) = p.get_mut(&peer_id)
@@ -1128,7 +1124,6 @@ impl EventLoop {
             })) => match result {
                 Ok(id) => {
                     tracing::info!(peer = %remote_peer_id, "hole punching made a direct connection");
-                    self.hole_punched.insert(id);
                     let conn = self.paths.lock().ok().and_then(|p| {
                         p.get(&remote_peer_id)
                             .and_then(|pc| pc.conns.get(&id).cloned())
