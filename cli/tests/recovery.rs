@@ -238,3 +238,153 @@ fn packs_only_an_absent_friend_holds_join_the_index_when_it_is_back() -> TestRes
     compare_trees(&src, &restored(&target, &src), &[])?;
     Ok(())
 }
+
+/// The snapshot ids `node` lists.
+fn snapshot_ids(node: &Node) -> anyhow::Result<Vec<String>> {
+    let snaps = node.json(&["snapshots"], 0)?;
+    Ok(snaps
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+#[test]
+fn a_friend_away_during_recovery_with_a_newer_head_loses_nothing() -> TestResult {
+    let dir = crate::util::tempdir("obnam-recovery-")?;
+    let mut a = node(dir.path(), "a", "replicas = 2\n")?;
+    let mut b = node(dir.path(), "b", "")?;
+    let mut c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("one.bin"), noise(2 << 20, 41))?;
+    a.backup(&[&src], &[], 0)?;
+    // C goes away; the second backup reaches B only (head 2 at B, head 1 at C).
+    c.stop();
+    std::fs::write(src.join("two.bin"), noise(2 << 20, 42))?;
+    let second = a.backup(&[&src], &["--timeout", "5s"], 4)?;
+    let second_id = second["snapshot"].as_str().unwrap().to_owned();
+    let second_copy = dir.path().join("second-copy");
+    copy_dir(&src, &second_copy)?;
+    wait_until("B to hold head 2", Duration::from_secs(30), || {
+        // Heads 1 and 2.
+        Ok(a.log()
+            .lines()
+            .filter(|l| l.contains("head stored at friend") && l.contains(&b.peer_id))
+            .count()
+            >= 2)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
+    // The machine is lost while B is away; the new node recovers through C, which holds head 1.
+    a.stop();
+    std::fs::remove_dir_all(&a.data_dir)?;
+    b.stop();
+    c.start()?;
+    let a2 = node(dir.path(), "a2", "presence_interval_secs = 1\n")?;
+    a2.add_peer(&c, &[])?;
+    let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
+    assert_eq!(
+        rec["snapshots"], 1,
+        "C knows only the first snapshot: {rec}"
+    );
+    // A backup on the new node: its head 2 is another head 2 than the one B holds.
+    std::fs::write(src.join("three.bin"), noise(1 << 20, 43))?;
+    let third = a2.backup(&[&src], &["--timeout", "3s"], 4)?;
+    let third_id = third["snapshot"].as_str().unwrap().to_owned();
+    // B comes back: it refuses the takeover (it holds a newer head than the one the new node
+    // started from), so the new node merges B's head into its own, and B accepts.
+    b.start()?;
+    wait_until(
+        "the new node to list the snapshot only B knew",
+        Duration::from_secs(90),
+        || Ok(snapshot_ids(&a2)?.contains(&second_id)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}\nB:\n{}", a2.log(), b.log()))?;
+    let ids = snapshot_ids(&a2)?;
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.contains(&third_id), "{ids:?}");
+    wait_until("B to take the merged head", Duration::from_secs(90), || {
+        Ok(a2.status()?["replicated_to"] == 2)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}\nB:\n{}", a2.log(), b.log()))?;
+    assert!(a2.log().contains("merged"), "{}", a2.log());
+    let target = dir.path().join("restore-second");
+    a2.json(
+        &["restore", &second_id, "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    let got = restored(&target, &src);
+    for f in ["one.bin", "two.bin"] {
+        assert!(
+            std::fs::read(got.join(f))? == std::fs::read(second_copy.join(f))?,
+            "{f} differs"
+        );
+    }
+    assert!(
+        !got.join("three.bin").exists(),
+        "the second snapshot came before three.bin"
+    );
+    let target = dir.path().join("restore-third");
+    a2.json(
+        &["restore", &third_id, "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    compare_trees(&src, &restored(&target, &src), &[])?;
+    Ok(())
+}
+
+#[test]
+fn recovery_through_a_friend_outside_the_replica_set_finds_every_snapshot() -> TestResult {
+    let dir = crate::util::tempdir("obnam-recovery-")?;
+    // One replica: one of B and C holds the packs; both get the head.
+    let mut a = node(dir.path(), "a", "replicas = 1\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("data.bin"), noise(3 << 20, 51))?;
+    a.backup(&[&src], &[], 0)?;
+    let packs_at =
+        |n: &Node| obnam_simulations::files_below(&n.data_dir.join("hosted"), "pack").len();
+    let (holder, other) = if packs_at(&b) > 0 { (&b, &c) } else { (&c, &b) };
+    assert_eq!(packs_at(other), 0, "one replica only");
+    wait_until(
+        "the other friend to hold the head",
+        Duration::from_secs(30),
+        || {
+            Ok(a.log()
+                .lines()
+                .any(|l| l.contains("head stored at friend") && l.contains(&other.peer_id)))
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
+    a.stop();
+    std::fs::remove_dir_all(&a.data_dir)?;
+    // The new node knows only the friend that holds no pack of ours.
+    let a2 = node(dir.path(), "a2", "")?;
+    a2.add_peer(other, &[])?;
+    let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
+    assert_eq!(rec["snapshots"], 1, "{rec}");
+    assert!(
+        rec["friends_added"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains(&holder.peer_id)),
+        "the pack holder is learned from the head: {rec}"
+    );
+    let target = dir.path().join("restore");
+    a2.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    compare_trees(&src, &restored(&target, &src), &[])?;
+    Ok(())
+}

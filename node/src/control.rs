@@ -217,12 +217,7 @@ async fn dispatch(
                         tokio::time::timeout(std::time::Duration::from_secs(repo.config.request_timeout_secs), crate::recover::survey_heads(remote, &owner.keys, &friends)).await
                     });
                     if let Ok(survey) = survey {
-                        let local = current_seq(&repo)?;
-                        if let Some((bytes, head)) = &survey.best
-                            && head.seq > local
-                        {
-                            crate::recover::adopt_head(&repo, &owner.keys, bytes, head)?;
-                        }
+                        crate::recover::merge_survey(&repo, remote, &owner.keys, &survey)?;
                         for s in &survey.stale {
                             let _ = tx.blocking_send(Event::Warning(format!("stale friend: {s}")));
                         }

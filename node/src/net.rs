@@ -225,6 +225,13 @@ pub enum Command {
     /// Network upkeep: relay reservations, and tries of a direct connection to friends that
     /// are reached only through a relay.
     Upkeep,
+    /// Answer once a connection to `peer` is open, dialing it unless a dial is under way.
+    Connect {
+        /// The peer.
+        peer: PeerId,
+        /// `Ok` once connected; the dial's error when every dial to it failed.
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
 }
 
 /// The handle the rest of the node uses. Cheap to clone.
@@ -242,6 +249,8 @@ pub struct Net {
     /// Woken when this node's own addresses change (listen, external or relayed).
     pub addrs_changed: Arc<tokio::sync::Notify>,
     key: Keypair,
+    /// How long [`Net::connect`] waits for a connection.
+    connect_timeout: Duration,
 }
 
 impl Net {
@@ -313,6 +322,7 @@ impl Net {
     /// # Errors
     /// [`NodeError::Net`] when the peer cannot be reached or does not answer.
     pub async fn request(&self, peer: PeerId, req: Request) -> Result<Response, NodeError> {
+        self.connect(peer).await?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Request { peer, req, reply })
@@ -338,10 +348,55 @@ impl Net {
     /// [`NodeError::Net`].
     pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NodeError> {
         let mut control = self.control.clone();
-        control
-            .open_stream(peer, StreamProtocol::new(msg::PACKS_PROTOCOL))
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.connect(peer).await?;
+            match control
+                .open_stream(peer, StreamProtocol::new(msg::PACKS_PROTOCOL))
+                .await
+            {
+                Ok(s) => return Ok(s),
+                // The connection it picked closed under it (a better one replaced it, or the
+                // peer went away): once more on whatever connection is open then.
+                Err(libp2p_stream::OpenStreamError::Io(e)) if attempt < 2 => {
+                    tracing::debug!(%peer, error = %e, "opening a pack stream failed; trying again");
+                }
+                Err(e) => {
+                    return Err(NodeError::Net(format!(
+                        "opening a pack stream to {peer}: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Waits until a connection to `peer` is open, dialing it if needed.
+    ///
+    /// The libp2p-stream and request-response behaviours dial by themselves, but they fail every
+    /// pending stream and request of a peer on *any* failed dial to it, including a dial skipped
+    /// because another one is under way. Connecting here first, through one dial at a time, keeps
+    /// them from ever dialing.
+    ///
+    /// # Errors
+    /// [`NodeError::Net`] when every dial failed or none connected in time.
+    pub async fn connect(&self, peer: PeerId) -> Result<(), NodeError> {
+        if peer == self.peer_id || self.is_connected(&peer) {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Connect { peer, reply })
             .await
-            .map_err(|e| NodeError::Net(format!("opening a pack stream to {peer}: {e}")))
+            .map_err(|_| NodeError::Shutdown)?;
+        match tokio::time::timeout(self.connect_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(NodeError::Shutdown),
+            Err(_) => Err(NodeError::Net(format!(
+                "connecting to {peer}: no connection within {:?}",
+                self.connect_timeout
+            ))),
+        }
     }
 }
 
@@ -574,6 +629,7 @@ pub async fn start(
         unreachable: Arc::clone(&unreachable),
         addrs_changed: Arc::clone(&addrs_changed),
         key: net_key,
+        connect_timeout: request_timeout,
     };
     let (resp_tx, resp_rx) = mpsc::channel(MAX_INBOUND);
     let ev = EventLoop {
@@ -605,6 +661,8 @@ pub async fn start(
         reserve_backoff: HashMap::new(),
         relayed_at: HashMap::new(),
         direct_addrs: HashMap::new(),
+        dialing: HashMap::new(),
+        connect_waiters: HashMap::new(),
     };
     Ok((net, tokio::spawn(ev.run())))
 }
@@ -655,6 +713,10 @@ pub struct EventLoop {
     relayed_at: HashMap<PeerId, std::time::Instant>,
     /// Direct (not relayed) addresses of friends, to try again while only a relay reaches them.
     direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Dials under way, whoever started them.
+    dialing: HashMap<ConnectionId, PeerId>,
+    /// [`Command::Connect`] callers waiting for a connection to a peer.
+    connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NodeError>>>>,
 }
 
 impl EventLoop {
@@ -688,7 +750,9 @@ impl EventLoop {
                     self.swarm.add_peer_address(peer, a.clone());
                     self.remember_direct(peer, a);
                 }
-                if !self.swarm.is_connected(&peer) {
+                // A dial skipped for one under way would fail the streams and requests waiting
+                // on that one (see `Net::connect`), so none is started then.
+                if !self.swarm.is_connected(&peer) && !self.is_dialing(&peer) {
                     // Dial with the addresses themselves: behaviours forget an address after a
                     // failed dial, and a friend that was away comes back at the same one.
                     let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
@@ -706,6 +770,41 @@ impl EventLoop {
                 self.reserve();
                 self.try_direct();
             }
+            Command::Connect { peer, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                self.connect_waiters.entry(peer).or_default().push(reply);
+                if self.is_dialing(&peer) {
+                    return;
+                }
+                let addrs = self.direct_addrs.get(&peer).cloned().unwrap_or_default();
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .extend_addresses_through_behaviour()
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                match self.swarm.dial(opts) {
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                    Err(e) => self.wake_waiters(peer, Err(format!("{e}"))),
+                }
+            }
+        }
+    }
+
+    fn is_dialing(&self, peer: &PeerId) -> bool {
+        self.dialing.values().any(|p| p == peer)
+    }
+
+    /// Answers the [`Command::Connect`] callers waiting for `peer`.
+    fn wake_waiters(&mut self, peer: PeerId, result: Result<(), String>) {
+        for w in self.connect_waiters.remove(&peer).unwrap_or_default() {
+            let _ = w.send(
+                result
+                    .clone()
+                    .map_err(|e| NodeError::Net(format!("connecting to {peer}: {e}"))),
+            );
         }
     }
 
@@ -995,12 +1094,20 @@ impl EventLoop {
                 }
                 self.note_addrs_changed();
             }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => {
+                self.dialing.insert(connection_id, peer);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
                 endpoint,
                 ..
             } => {
+                self.dialing.remove(&connection_id);
+                self.wake_waiters(peer_id, Ok(()));
                 if endpoint.is_listener() && !self.server.is_friend(&peer_id) {
                     if self.strangers.len() >= MAX_STRANGER_CONNECTIONS {
                         tracing::debug!(peer = %peer_id, "too many connections from strangers; closing one");
@@ -1048,8 +1155,11 @@ impl EventLoop {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
+                endpoint,
                 ..
             } => {
+                tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), ?cause, "connection closed");
                 self.strangers.remove(&connection_id);
                 self.punch_conns.remove(&connection_id);
                 if let Ok(mut p) = self.paths.lock()
@@ -1070,15 +1180,26 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
-                ..
+                connection_id,
             } => {
                 tracing::debug!(%peer, %error, "outgoing connection failed");
+                self.dialing.remove(&connection_id);
+                if !self.swarm.is_connected(&peer) && !self.is_dialing(&peer) {
+                    self.wake_waiters(peer, Err(error.to_string()));
+                }
                 if !self.swarm.is_connected(&peer)
                     && self.server.is_friend(&peer)
                     && let Ok(mut u) = self.unreachable.lock()
                 {
                     u.insert(peer);
                 }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: None,
+                connection_id,
+                ..
+            } => {
+                self.dialing.remove(&connection_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {

@@ -4,9 +4,11 @@
 //! 1. stretches the passphrase with the owner name and asks each friend for the key slot under
 //!    the lookup id (friends answer strangers this one question, rate-limited, and answer unknown
 //!    ids with a fake, so a wrong name or passphrase simply opens nothing);
-//! 2. writes the secrets file, proves the owner key to every friend and takes the newest head
-//!    that verifies (stale friends and forks are reported);
-//! 3. learns the owner's other friends from the head and befriends them;
+//! 2. writes the secrets file, proves the owner key to every friend and merges the heads that
+//!    verify (stale friends and forks are reported): the newest is adopted, and heads that list
+//!    snapshots the newest lacks are merged into a new head (see [`Repo::merge_head`]);
+//! 3. learns the owner's other friends from the heads, befriends them, and merges their heads
+//!    too;
 //! 4. sends every friend a signed takeover statement, so the new node becomes the writer;
 //! 5. rebuilds the index: lists the packs each friend holds, reads each pack's sealed index from
 //!    its last 64 KiB-aligned ranges, and records chunks, packs and holders.
@@ -17,12 +19,12 @@
 use crate::error::NodeError;
 use crate::keys::{self, Keys};
 use crate::peers;
-use crate::repo::{Remote, Repo, now_ns};
+use crate::repo::{HeadMerge, Remote, Repo, now_ns};
 use crate::seal;
 use futures::StreamExt;
 use libp2p::PeerId;
 use obnam_protocol::PackId;
-use obnam_protocol::envelope::{DOMAIN_HEAD_BODY, DOMAIN_PACK_INDEX, DOMAIN_PACK_TRAILER};
+use obnam_protocol::envelope::{DOMAIN_PACK_INDEX, DOMAIN_PACK_TRAILER};
 use obnam_protocol::keyslot::{KeySlot, SLOT_VERSION};
 use obnam_protocol::local::{Friend, PackRecord};
 use obnam_protocol::msg::{self, Request, Response, TakeoverStatement};
@@ -37,6 +39,8 @@ use std::os::unix::ffi::OsStrExt;
 pub struct HeadSurvey {
     /// The newest head that verifies: its bytes and parsed form.
     pub best: Option<(Vec<u8>, Head)>,
+    /// Every distinct head that verifies, oldest first.
+    pub heads: Vec<(u64, Vec<u8>)>,
     /// Friends holding an older head.
     pub stale: Vec<String>,
     /// Friends holding a different head at the newest sequence number.
@@ -85,6 +89,12 @@ pub async fn survey_heads(remote: &Remote, keys: &Keys, friends: &[PeerId]) -> H
             Err(e) => survey.unreachable.push(format!("{peer}: {e}")),
         }
     }
+    for (_, _, h, bytes) in &heads {
+        if !survey.heads.iter().any(|(_, b)| b == bytes) {
+            survey.heads.push((h.seq, bytes.clone()));
+        }
+    }
+    survey.heads.sort_by_key(|(seq, _)| *seq);
     let Some(top) = heads.iter().map(|h| h.2.seq).max() else {
         return survey;
     };
@@ -111,36 +121,77 @@ pub async fn survey_heads(remote: &Remote, keys: &Keys, friends: &[PeerId]) -> H
     survey
 }
 
-/// Adopts a head newer than ours: its snapshots become the local list.
+/// Merges every head of `survey` into ours (see [`Repo::merge_head`]), oldest first, and
+/// befriends the friends they list. When this node took over the owner (a recovery), its
+/// takeover statement is raised to the newest head merged, so friends that hold it accept the
+/// node as the writer. Returns the friends added, as `name peer-id`.
 ///
 /// # Errors
 /// Key or database errors.
-pub fn adopt_head(
+pub fn merge_survey(
+    repo: &Repo,
+    remote: &Remote,
+    keys: &Keys,
+    survey: &HeadSurvey,
+) -> Result<Vec<String>, NodeError> {
+    let mut added = Vec::new();
+    for (seq, bytes) in &survey.heads {
+        let body = match repo.merge_head(keys, bytes)? {
+            HeadMerge::Kept { body }
+            | HeadMerge::Adopted { body }
+            | HeadMerge::Merged { body, .. } => body,
+        };
+        added.extend(learn_friends(repo, remote, &body)?);
+        raise_takeover(repo, keys, &remote.net.peer_id, *seq)?;
+    }
+    Ok(added)
+}
+
+/// After a recovery, a friend that was away may hold a head newer than the one the node took
+/// over from, and refuses the takeover until it names that head. Once that head is merged into
+/// ours (so the statement is true), the stored statement is signed again from `seq`; friends
+/// that accepted it before accept it again. Does nothing without a stored statement or when it
+/// already starts at `seq` or later.
+///
+/// # Errors
+/// Database errors.
+pub fn raise_takeover(
     repo: &Repo,
     keys: &Keys,
-    bytes: &[u8],
-    head: &Head,
-) -> Result<HeadBody, NodeError> {
-    let body = seal::open_blob(
-        keys,
-        DOMAIN_HEAD_BODY,
-        &Head::body_context(&keys.owner_id(), head.seq),
-        &head.sealed_body,
-    )
-    .map_err(|_| NodeError::Authentication {
-        what: format!("head {} from a friend", head.seq),
-    })?;
-    let body = HeadBody::from_bytes(&body).map_err(|e| NodeError::Corrupt {
-        what: "head body".into(),
-        source: e,
-    })?;
-    let entries: Vec<_> = body
-        .snapshots
-        .iter()
-        .map(|e| (e.id, e.record.clone()))
-        .collect();
-    repo.store.adopt_head(&entries, bytes)?;
-    Ok(body)
+    local: &PeerId,
+    seq: u64,
+) -> Result<bool, NodeError> {
+    let Some(bytes) = repo.store.meta("takeover")? else {
+        return Ok(false);
+    };
+    let old: TakeoverStatement =
+        obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(|e| {
+            NodeError::Corrupt {
+                what: "takeover statement".into(),
+                source: e,
+            }
+        })?;
+    if old.from_seq >= seq {
+        return Ok(false);
+    }
+    repo.store.set_meta(
+        "takeover",
+        &obnam_protocol::codec::encode(&takeover_statement(keys, local, seq)),
+    )?;
+    Ok(true)
+}
+
+/// A signed statement that `local` writes for this owner from head `seq` on.
+fn takeover_statement(keys: &Keys, local: &PeerId, seq: u64) -> TakeoverStatement {
+    let owner = keys.owner_id();
+    let local = local.to_bytes();
+    let payload = TakeoverStatement::payload(&owner, &local, seq);
+    TakeoverStatement {
+        owner,
+        new_node: local,
+        from_seq: seq,
+        signature: keys.sign(CONTEXT_TAKEOVER, &payload).to_vec(),
+    }
 }
 
 /// A pack, its length and holders, and its index as fetched.
@@ -549,26 +600,28 @@ pub fn recover(
     tracing::info!(name, owner = %owner_id, "key slot found and opened");
 
     let survey = remote.handle.block_on(survey_heads(remote, keys, &friends));
-    let warnings = survey.warnings();
-    let (head_seq, snapshots, mut friends_added) = match &survey.best {
-        Some((bytes, head)) => {
-            let body = adopt_head(repo, keys, bytes, head)?;
-            let added = learn_friends(repo, remote, &body)?;
-            (head.seq, body.snapshots.len() as u64, added)
-        }
-        None => (0, 0, Vec::new()),
-    };
+    let mut warnings = survey.warnings();
+    let mut friends_added = merge_survey(repo, remote, keys, &survey)?;
+    // The friends just learned may hold a newer head, or one listing other snapshots.
+    let learned: Vec<PeerId> = friends_added
+        .iter()
+        .filter_map(|f| f.rsplit(' ').next().and_then(|p| p.parse().ok()))
+        .collect();
+    if !learned.is_empty() {
+        let more = remote.handle.block_on(survey_heads(remote, keys, &learned));
+        warnings.extend(more.warnings());
+        friends_added.extend(merge_survey(repo, remote, keys, &more)?);
+    }
     friends_added.sort();
+    friends_added.dedup();
+    let head_seq = match repo.head_body(keys)? {
+        Some((_, head, _)) => head.seq,
+        None => 0,
+    };
+    let snapshots = repo.store.snapshots()?.len() as u64;
 
     // Become the writer: a signed statement naming this node and the head it continues from.
-    let local = remote.net.peer_id.to_bytes();
-    let payload = TakeoverStatement::payload(&owner_id, &local, head_seq);
-    let statement = TakeoverStatement {
-        owner: owner_id,
-        new_node: local,
-        from_seq: head_seq,
-        signature: keys.sign(CONTEXT_TAKEOVER, &payload).to_vec(),
-    };
+    let statement = takeover_statement(keys, &remote.net.peer_id, head_seq);
     repo.store
         .set_meta("takeover", &obnam_protocol::codec::encode(&statement))?;
     let mut took_over = Vec::new();
@@ -697,21 +750,8 @@ pub fn rebuild(
         .handle
         .block_on(survey_heads(remote, &owner.keys, &friends));
     let warnings = survey.warnings();
-    let mut added = Vec::new();
-    // Adopt the friends' head only when it is newer than ours: a backup that reached no friend
-    // yet must not be rolled back.
-    let local_seq = match repo.store.own_head()? {
-        Some(h) => SignedHead::verify(&h, &owner.keys.owner_id())
-            .map(|(_, h)| h.seq)
-            .unwrap_or(0),
-        None => 0,
-    };
-    if let Some((bytes, head)) = &survey.best
-        && head.seq > local_seq
-    {
-        let body = adopt_head(repo, &owner.keys, bytes, head)?;
-        added = learn_friends(repo, remote, &body)?;
-    }
+    // Merged, never rolled back: a backup that reached no friend yet stays listed.
+    let added = merge_survey(repo, remote, &owner.keys, &survey)?;
     let mut rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
     remember_unlisted(repo, &rebuilt)?;
     repo.index_ok();

@@ -650,6 +650,66 @@ impl Replicator {
         }
     }
 
+    /// Sends the stored takeover statement to `peer`. A friend that was away during the
+    /// recovery may hold a head newer than the one the statement starts at (what the lost
+    /// machine sent it last): that head is fetched and merged into ours, so none of its
+    /// snapshots is lost, and the statement, raised to it, is sent again.
+    async fn take_over(&self, peer: PeerId, owner: &Arc<Owner>) -> Result<(), NodeError> {
+        let keys = &owner.keys;
+        for attempt in 0..2 {
+            let Some(bytes) = self.repo.store.meta("takeover")? else {
+                return Ok(());
+            };
+            let statement: obnam_protocol::msg::TakeoverStatement =
+                obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(
+                    |e| NodeError::Corrupt {
+                        what: "takeover statement".into(),
+                        source: e,
+                    },
+                )?;
+            match self.net.request(peer, Request::Takeover(statement)).await? {
+                Response::Ok => {
+                    tracing::info!(%peer, "friend accepted the takeover");
+                    return Ok(());
+                }
+                Response::Error(e) if e.code == ErrorCode::NotFound => return Ok(()),
+                Response::Error(e) if e.code == ErrorCode::StaleHead && attempt == 0 => {
+                    let theirs = peers::owner_request(
+                        &self.net,
+                        peer,
+                        keys,
+                        Request::GetHead {
+                            owner: keys.owner_id(),
+                        },
+                    )
+                    .await?;
+                    let Response::Head(Some(head)) = theirs else {
+                        return Err(crate::serve::wire_error(&peer, &e));
+                    };
+                    let seq = obnam_protocol::snapshot::SignedHead::verify(&head, &keys.owner_id())
+                        .map(|(_, h)| h.seq)
+                        .map_err(|e| NodeError::Authentication {
+                            what: format!("the head friend {peer} holds: {e}"),
+                        })?;
+                    let merged = self.repo.merge_head(keys, &head)?;
+                    tracing::warn!(%peer, seq, ?merged, "friend holds a head newer than the takeover; merged it into ours");
+                    crate::recover::raise_takeover(&self.repo, keys, &self.net.peer_id, seq)?;
+                    // Friends that accepted the old statement take the raised one in stride.
+                    if let Ok(mut t) = self.took_over.lock() {
+                        t.clear();
+                    }
+                }
+                Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
+                other => {
+                    return Err(NodeError::Net(format!(
+                        "{peer} answered {other:?} to a takeover"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Pushes the key slot (to every friend) and, when `data`, packs and the head (to members of
     /// the replica set).
     async fn sync_friend_inner(
@@ -666,26 +726,10 @@ impl Replicator {
             .lock()
             .map(|t| t.contains(&peer))
             .unwrap_or(false);
-        if !taken && let Some(bytes) = self.repo.store.meta("takeover")? {
+        if !taken && self.repo.store.meta("takeover")?.is_some() {
             self.net.add_addrs(peer, self.friend_addrs(f)).await?;
-            let statement: obnam_protocol::msg::TakeoverStatement =
-                obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(
-                    |e| NodeError::Corrupt {
-                        what: "takeover statement".into(),
-                        source: e,
-                    },
-                )?;
             peers::prove(&self.net, peer, &owner.keys).await?;
-            match self.net.request(peer, Request::Takeover(statement)).await? {
-                Response::Ok => tracing::info!(%peer, "friend accepted the takeover"),
-                Response::Error(e) if e.code == ErrorCode::NotFound => {}
-                Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
-                other => {
-                    return Err(NodeError::Net(format!(
-                        "{peer} answered {other:?} to a takeover"
-                    )));
-                }
-            }
+            self.take_over(peer, owner).await?;
             if let Ok(mut t) = self.took_over.lock() {
                 t.insert(peer);
             }
@@ -768,6 +812,12 @@ impl Replicator {
             }
         }
         if !data {
+            // Every friend gets the head (it is small), not only the replica set: a recovery
+            // through any one friend then finds every snapshot and every other friend.
+            if let Some(head_bytes) = store.own_head()? {
+                self.push_head(peer, f, keys, head_bytes).await?;
+            }
+            // The friend's last error (a full quota that put it out of the set) stands.
             return Ok(());
         }
         // The head is read before the pack list: a backup committing in between must not send
@@ -887,9 +937,26 @@ impl Replicator {
         // other friends, or waiting for repair from a friend that is away): a recovery through
         // this friend then finds every snapshot, and the index picks up the other packs from
         // the friends that hold them. `replicated_to` still counts only friends holding all.
-        let Some(head_bytes) = head_at_start else {
-            return Ok(());
-        };
+        if let Some(head_bytes) = head_at_start {
+            self.push_head(peer, f, keys, head_bytes).await?;
+        }
+        if let Ok(mut m) = self.errors.lock() {
+            m.remove(&peer);
+        }
+        Ok(())
+    }
+
+    /// Sends `head_bytes` (our head) to `peer` unless it holds it already.
+    async fn push_head(
+        &self,
+        peer: PeerId,
+        f: &Friend,
+        keys: &crate::keys::Keys,
+        head_bytes: Vec<u8>,
+    ) -> Result<(), NodeError> {
+        let store = &self.repo.store;
+        let owner_id = keys.owner_id();
+        let state = store.peer_state(&f.peer_id)?;
         let (_, parsed) =
             SignedHead::verify(&head_bytes, &owner_id).map_err(|e| NodeError::Authentication {
                 what: format!("own head: {e}"),
@@ -936,9 +1003,6 @@ impl Replicator {
                 Response::Error(e) => return Err(crate::serve::wire_error(&peer, &e)),
                 other => return Err(NodeError::Net(format!("{peer} answered {other:?}"))),
             }
-        }
-        if let Ok(mut m) = self.errors.lock() {
-            m.remove(&peer);
         }
         Ok(())
     }

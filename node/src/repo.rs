@@ -78,6 +78,34 @@ pub struct Repo {
     /// reader waits for the first fetch instead of fetching the pack again (a restore's
     /// prefetch and its file writers), and shares its failure.
     fetching: std::sync::Arc<std::sync::Mutex<FetchTable>>,
+    /// Held while a new head is built from the current one and committed, so a backup's commit
+    /// and a merge of a friend's head never build on the same head.
+    head_lock: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+/// What [`Repo::merge_head`] did with a friend's head.
+#[derive(Debug)]
+pub enum HeadMerge {
+    /// Ours already lists everything in theirs and is at least as new: nothing changed.
+    Kept {
+        /// Their opened body.
+        body: HeadBody,
+    },
+    /// Theirs lists everything in ours and is newer: it became ours as it is.
+    Adopted {
+        /// Its opened body.
+        body: HeadBody,
+    },
+    /// Each listed snapshots the other lacks (a recovery from a friend that held an older
+    /// head, while another friend held a newer one): a new head lists both.
+    Merged {
+        /// Its opened body.
+        body: HeadBody,
+        /// Snapshots that came from theirs.
+        added: usize,
+        /// The new head's sequence number.
+        seq: u64,
+    },
 }
 
 /// How long a failed fetch is remembered: readers of the same pack get its error instead of
@@ -153,6 +181,7 @@ impl Repo {
             index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
             cache_dir,
             fetching: std::sync::Arc::default(),
+            head_lock: std::sync::Arc::default(),
         })
     }
 
@@ -309,7 +338,7 @@ impl Repo {
         record: &SnapshotRecord,
         packs: Option<&[obnam_protocol::PackId]>,
     ) -> Result<u64, NodeError> {
-        let owner_id = keys.owner_id();
+        let _head = self.lock_head();
         let (seq, prev, mut body) = match self.head_body(keys)? {
             Some((signed, head, body)) => (head.seq + 1, Some(signed.hash()), body),
             None => (
@@ -326,7 +355,28 @@ impl Repo {
             id,
             record: record.clone(),
         });
-        // The friend list travels sealed in the head, so a recovered node finds all friends.
+        let signed = self.sign_head(keys, seq, prev, &mut body)?;
+        self.store
+            .commit_snapshot(&id, record, &signed.to_bytes(), packs)?;
+        Ok(seq)
+    }
+
+    fn lock_head(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.head_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Seals `body` (with the current friend list: it travels sealed in the head, so a
+    /// recovered node finds all friends) into a signed head.
+    fn sign_head(
+        &self,
+        keys: &Keys,
+        seq: u64,
+        prev: Option<[u8; 32]>,
+        body: &mut HeadBody,
+    ) -> Result<SignedHead, NodeError> {
+        let owner_id = keys.owner_id();
         body.friends = self
             .store
             .friends()?
@@ -351,13 +401,86 @@ impl Repo {
         };
         let head_bytes = head.to_bytes();
         let signature = keys.sign(CONTEXT_HEAD, &head_bytes).to_vec();
-        let signed = SignedHead {
+        Ok(SignedHead {
             head: head_bytes,
             signature,
+        })
+    }
+
+    /// Brings a head a friend holds (`bytes`, signed by this owner) together with ours, so no
+    /// snapshot that reached a friend is ever dropped from the list: a newer head that lists
+    /// all of ours is adopted as it is, and heads that each list snapshots the other lacks are
+    /// merged into a new head, numbered above both, that lists them all (oldest first).
+    ///
+    /// # Errors
+    /// [`NodeError::Authentication`] for a head that is not this owner's, or whose body does not
+    /// open; database errors.
+    pub fn merge_head(&self, keys: &Keys, bytes: &[u8]) -> Result<HeadMerge, NodeError> {
+        let owner_id = keys.owner_id();
+        let (signed, head) =
+            SignedHead::verify(bytes, &owner_id).map_err(|e| NodeError::Authentication {
+                what: format!("a friend's head: {e}"),
+            })?;
+        let theirs = open_head_body(keys, &head)?;
+        let _head = self.lock_head();
+        let Some((our_signed, our_head, mut ours)) = self.head_body(keys)? else {
+            let entries: Vec<_> = theirs
+                .snapshots
+                .iter()
+                .map(|e| (e.id, e.record.clone()))
+                .collect();
+            self.store.adopt_head(&entries, bytes)?;
+            return Ok(HeadMerge::Adopted { body: theirs });
         };
-        self.store
-            .commit_snapshot(&id, record, &signed.to_bytes(), packs)?;
-        Ok(seq)
+        if our_signed.hash() == signed.hash() {
+            return Ok(HeadMerge::Kept { body: theirs });
+        }
+        let our_ids: std::collections::HashSet<SnapshotId> =
+            ours.snapshots.iter().map(|e| e.id).collect();
+        let their_ids: std::collections::HashSet<SnapshotId> =
+            theirs.snapshots.iter().map(|e| e.id).collect();
+        let only_theirs: Vec<SnapshotEntry> = theirs
+            .snapshots
+            .iter()
+            .filter(|e| !our_ids.contains(&e.id))
+            .cloned()
+            .collect();
+        let only_ours = ours.snapshots.iter().any(|e| !their_ids.contains(&e.id));
+        if !only_ours && head.seq > our_head.seq {
+            let entries: Vec<_> = theirs
+                .snapshots
+                .iter()
+                .map(|e| (e.id, e.record.clone()))
+                .collect();
+            self.store.adopt_head(&entries, bytes)?;
+            return Ok(HeadMerge::Adopted { body: theirs });
+        }
+        if only_theirs.is_empty() && our_head.seq > head.seq {
+            return Ok(HeadMerge::Kept { body: theirs });
+        }
+        let added = only_theirs.len();
+        let entries: Vec<_> = only_theirs
+            .iter()
+            .map(|e| (e.id, e.record.clone()))
+            .collect();
+        ours.snapshots.extend(only_theirs);
+        ours.snapshots
+            .sort_by_key(|e| (e.record.time_ns, *e.id.as_bytes()));
+        let seq = head.seq.max(our_head.seq) + 1;
+        let merged = self.sign_head(keys, seq, Some(our_signed.hash()), &mut ours)?;
+        self.store.adopt_head(&entries, &merged.to_bytes())?;
+        tracing::warn!(
+            seq,
+            their_seq = head.seq,
+            our_seq = our_head.seq,
+            added,
+            "a friend held a head with snapshots ours lacked; merged them into a new head"
+        );
+        Ok(HeadMerge::Merged {
+            body: theirs,
+            added,
+            seq,
+        })
     }
 
     /// Resolves `latest`, a full id or a prefix of at least 8 hex characters.
@@ -730,4 +853,25 @@ pub fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Opens the sealed body of one of this owner's heads.
+///
+/// # Errors
+/// [`NodeError::Authentication`] when it does not open with this owner's keys, or
+/// [`NodeError::Corrupt`].
+pub fn open_head_body(keys: &Keys, head: &Head) -> Result<HeadBody, NodeError> {
+    let body = seal::open_blob(
+        keys,
+        DOMAIN_HEAD_BODY,
+        &Head::body_context(&keys.owner_id(), head.seq),
+        &head.sealed_body,
+    )
+    .map_err(|_| NodeError::Authentication {
+        what: format!("head {} from a friend", head.seq),
+    })?;
+    HeadBody::from_bytes(&body).map_err(|e| NodeError::Corrupt {
+        what: "head body".into(),
+        source: e,
+    })
 }
