@@ -239,19 +239,6 @@ fn packs_only_an_absent_friend_holds_join_the_index_when_it_is_back() -> TestRes
     Ok(())
 }
 
-/// The snapshot ids `node` lists.
-fn snapshot_ids(node: &Node) -> anyhow::Result<Vec<String>> {
-    let snaps = node.json(&["snapshots"], 0)?;
-    Ok(snaps
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|s| s["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
 #[test]
 fn a_friend_away_during_recovery_with_a_newer_head_loses_nothing() -> TestResult {
     let dir = crate::util::tempdir("obnam-recovery-")?;
@@ -302,10 +289,10 @@ fn a_friend_away_during_recovery_with_a_newer_head_loses_nothing() -> TestResult
     wait_until(
         "the new node to list the snapshot only B knew",
         Duration::from_secs(90),
-        || Ok(snapshot_ids(&a2)?.contains(&second_id)),
+        || Ok(a2.snapshot_ids()?.contains(&second_id)),
     )
     .map_err(|e| anyhow::anyhow!("{e}\nA2:\n{}\nB:\n{}", a2.log(), b.log()))?;
-    let ids = snapshot_ids(&a2)?;
+    let ids = a2.snapshot_ids()?;
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(ids.contains(&third_id), "{ids:?}");
     wait_until("B to take the merged head", Duration::from_secs(90), || {

@@ -423,14 +423,17 @@ impl Repo {
             })?;
         let theirs = open_head_body(keys, &head)?;
         let _head = self.lock_head();
-        let Some((our_signed, our_head, mut ours)) = self.head_body(keys)? else {
-            let entries: Vec<_> = theirs
+        let adopt = |body: HeadBody| -> Result<HeadMerge, NodeError> {
+            let entries: Vec<_> = body
                 .snapshots
                 .iter()
                 .map(|e| (e.id, e.record.clone()))
                 .collect();
             self.store.adopt_head(&entries, bytes)?;
-            return Ok(HeadMerge::Adopted { body: theirs });
+            Ok(HeadMerge::Adopted { body })
+        };
+        let Some((our_signed, our_head, mut ours)) = self.head_body(keys)? else {
+            return adopt(theirs);
         };
         if our_signed.hash() == signed.hash() {
             return Ok(HeadMerge::Kept { body: theirs });
@@ -447,13 +450,7 @@ impl Repo {
             .collect();
         let only_ours = ours.snapshots.iter().any(|e| !their_ids.contains(&e.id));
         if !only_ours && head.seq > our_head.seq {
-            let entries: Vec<_> = theirs
-                .snapshots
-                .iter()
-                .map(|e| (e.id, e.record.clone()))
-                .collect();
-            self.store.adopt_head(&entries, bytes)?;
-            return Ok(HeadMerge::Adopted { body: theirs });
+            return adopt(theirs);
         }
         if only_theirs.is_empty() && our_head.seq > head.seq {
             return Ok(HeadMerge::Kept { body: theirs });
@@ -874,4 +871,94 @@ pub fn open_head_body(keys: &Keys, head: &Head) -> Result<HeadBody, NodeError> {
         what: "head body".into(),
         source: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterSecret;
+
+    fn repo(dir: &std::path::Path) -> Repo {
+        let paths = Paths {
+            config: dir.join("config.toml"),
+            data: dir.to_owned(),
+        };
+        Repo::open(paths, NodeConfig::default()).unwrap()
+    }
+
+    fn snap(repo: &Repo, keys: &Keys, n: u8) -> SnapshotId {
+        let id = SnapshotId([n; 32]);
+        let record = SnapshotRecord {
+            time_ns: i64::from(n),
+            host: "h".into(),
+            paths: vec![],
+            tags: vec![],
+            root: vec![],
+            files: 0,
+            dirs: 0,
+            bytes: 0,
+            failed_files: 0,
+            chunker: ChunkerParams::DEFAULT,
+        };
+        repo.commit_snapshot(keys, id, &record, None).unwrap();
+        id
+    }
+
+    fn listed(repo: &Repo, keys: &Keys) -> (u64, Vec<SnapshotId>) {
+        let (_, head, body) = repo.head_body(keys).unwrap().unwrap();
+        (head.seq, body.snapshots.iter().map(|e| e.id).collect())
+    }
+
+    /// Heads that each list snapshots the other lacks are merged into one numbered above both;
+    /// a newer superset is adopted; an older subset changes nothing.
+    #[test]
+    fn merging_heads_never_drops_a_snapshot() {
+        let keys = Keys::derive(&MasterSecret::generate());
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ours, theirs) = (repo(d1.path()), repo(d2.path()));
+        let s1 = snap(&theirs, &keys, 1);
+        let s2 = snap(&theirs, &keys, 2);
+        let head2 = theirs.store.own_head().unwrap().unwrap();
+        // No head of ours yet: adopted.
+        assert!(matches!(
+            ours.merge_head(&keys, &head2).unwrap(),
+            HeadMerge::Adopted { .. }
+        ));
+        assert_eq!(listed(&ours, &keys), (2, vec![s1, s2]));
+        // Both go on from head 2, each with a snapshot of its own: a fork at 3.
+        let s3 = snap(&ours, &keys, 3);
+        let s4 = snap(&theirs, &keys, 4);
+        let their3 = theirs.store.own_head().unwrap().unwrap();
+        match ours.merge_head(&keys, &their3).unwrap() {
+            HeadMerge::Merged { added, seq, .. } => assert_eq!((added, seq), (1, 4)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(listed(&ours, &keys), (4, vec![s1, s2, s3, s4]));
+        assert_eq!(ours.store.snapshots().unwrap().len(), 4);
+        // The same head again, or an older one: nothing changes.
+        assert!(matches!(
+            ours.merge_head(&keys, &their3).unwrap(),
+            HeadMerge::Kept { .. }
+        ));
+        assert!(matches!(
+            ours.merge_head(&keys, &head2).unwrap(),
+            HeadMerge::Kept { .. }
+        ));
+        assert_eq!(listed(&ours, &keys).0, 4);
+        // The other side takes the merged head as it is: it lists everything it had.
+        let merged = ours.store.own_head().unwrap().unwrap();
+        assert!(matches!(
+            theirs.merge_head(&keys, &merged).unwrap(),
+            HeadMerge::Adopted { .. }
+        ));
+        assert_eq!(listed(&theirs, &keys), (4, vec![s1, s2, s3, s4]));
+        // A head signed by another owner is refused.
+        let stranger = Keys::derive(&MasterSecret::generate());
+        let d3 = tempfile::tempdir().unwrap();
+        let other = repo(d3.path());
+        snap(&other, &stranger, 9);
+        let foreign = other.store.own_head().unwrap().unwrap();
+        assert!(ours.merge_head(&keys, &foreign).is_err());
+        assert_eq!(listed(&ours, &keys).0, 4);
+    }
 }

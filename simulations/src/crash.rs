@@ -74,21 +74,9 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn snapshot_ids(a: &Node) -> Result<Vec<String>> {
-    let list = a.json(&["snapshots"], 0)?;
-    Ok(list
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|s| s["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
 /// Restores every snapshot and compares it with the copy of the source taken for it.
 fn check_all(a: &Node, dir: &Path, src: &Path, copies: &[PathBuf]) -> Result<usize> {
-    let ids = snapshot_ids(a)?;
+    let ids = a.snapshot_ids()?;
     if ids.len() != copies.len() {
         bail!(
             "{} snapshots listed, {} backups known to have committed",
@@ -208,7 +196,7 @@ pub fn owner_crashes(o: &CrashOptions) -> Result<Value> {
         s.a.start()
             .with_context(|| format!("point {p} (delay {delay:?}): A does not restart"))?;
         // Did the killed backup commit? The source has not changed since it started.
-        let listed = snapshot_ids(&s.a)?.len();
+        let listed = s.a.snapshot_ids()?.len();
         let committed = listed > s.copies.len();
         if committed {
             let copy = s.dir.join(format!("copy-{n}"));

@@ -447,6 +447,22 @@ impl Node {
     pub fn status(&self) -> Result<Value> {
         self.json(&["status"], 0)
     }
+
+    /// The ids `obnam snapshots --json` lists, oldest first.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>> {
+        let list = self.json(&["snapshots"], 0)?;
+        Ok(list
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
 }
 
 /// Makes every node a friend of every other one (both directions).
