@@ -161,16 +161,9 @@ pub fn raise_takeover(
     local: &PeerId,
     seq: u64,
 ) -> Result<bool, NodeError> {
-    let Some(bytes) = repo.store.meta("takeover")? else {
+    let Some(old) = stored_takeover(repo)? else {
         return Ok(false);
     };
-    let old: TakeoverStatement =
-        obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(|e| {
-            NodeError::Corrupt {
-                what: "takeover statement".into(),
-                source: e,
-            }
-        })?;
     if old.from_seq >= seq {
         return Ok(false);
     }
@@ -179,6 +172,22 @@ pub fn raise_takeover(
         &obnam_protocol::codec::encode(&takeover_statement(keys, local, seq)),
     )?;
     Ok(true)
+}
+
+/// The takeover statement of the last `init --recover` (meta `takeover`), if any.
+///
+/// # Errors
+/// Database errors, or [`NodeError::Corrupt`] for a statement that does not decode.
+pub fn stored_takeover(repo: &Repo) -> Result<Option<TakeoverStatement>, NodeError> {
+    let Some(bytes) = repo.store.meta("takeover")? else {
+        return Ok(None);
+    };
+    obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096)
+        .map(Some)
+        .map_err(|e| NodeError::Corrupt {
+            what: "takeover statement".into(),
+            source: e,
+        })
 }
 
 /// A signed statement that `local` writes for this owner from head `seq` on.

@@ -657,16 +657,9 @@ impl Replicator {
     async fn take_over(&self, peer: PeerId, owner: &Arc<Owner>) -> Result<(), NodeError> {
         let keys = &owner.keys;
         for attempt in 0..2 {
-            let Some(bytes) = self.repo.store.meta("takeover")? else {
+            let Some(statement) = crate::recover::stored_takeover(&self.repo)? else {
                 return Ok(());
             };
-            let statement: obnam_protocol::msg::TakeoverStatement =
-                obnam_protocol::codec::decode_bounded("takeover statement", &bytes, 4096).map_err(
-                    |e| NodeError::Corrupt {
-                        what: "takeover statement".into(),
-                        source: e,
-                    },
-                )?;
             match self.net.request(peer, Request::Takeover(statement)).await? {
                 Response::Ok => {
                     tracing::info!(%peer, "friend accepted the takeover");
