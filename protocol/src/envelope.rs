@@ -68,6 +68,14 @@ impl<'a> Sealed<'a> {
     }
 }
 
+/// The envelope header: version and nonce. `header ‖ ciphertext ‖ tag` is an envelope.
+pub fn header(nonce: &[u8; NONCE_LEN]) -> [u8; 1 + NONCE_LEN] {
+    let mut h = [0u8; 1 + NONCE_LEN];
+    h[0] = FORMAT_VERSION;
+    h[1..].copy_from_slice(nonce);
+    h
+}
+
 /// Writes the envelope header (version and nonce) in front of `ciphertext`.
 pub fn assemble(nonce: &[u8; NONCE_LEN], ciphertext: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
