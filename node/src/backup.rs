@@ -243,8 +243,9 @@ pub(crate) fn with_pipeline<T>(
         pending: Mutex::new(HashSet::new()),
         abort: AtomicBool::new(false),
     };
-    let chunk_bufs = Recycler::new(2 * threads + 2);
-    let pack_bufs = Recycler::new(in_flight + 1);
+    // Room for every chunk buffer a full pipeline holds (packs in flight and being built,
+    // the channels): reuse never makes more buffers than the pipeline holds at once.
+    let chunk_bufs = Recycler::new((in_flight as u64 + 3) * PACK_TARGET + (16 << 20));
     std::thread::scope(|s| {
         // The channels live in this closure: if a thread cannot be started, returning drops
         // them, so the threads already started see their channel close and stop.
@@ -268,16 +269,14 @@ pub(crate) fn with_pipeline<T>(
         // writer failed), the producer's next send fails instead of blocking forever.
         drop(job_rx);
         let shared = &shared;
-        let (chunks, packs) = (&chunk_bufs, &pack_bufs);
         let packer = std::thread::Builder::new()
             .name("obnam-packer".into())
-            .spawn_scoped(s, move || {
-                packer(keys, sealed_rx, pack_tx, shared, chunks, packs)
-            })
+            .spawn_scoped(s, move || packer(keys, sealed_rx, pack_tx, shared))
             .map_err(spawn_failed)?;
+        let bufs = &chunk_bufs;
         let writer = std::thread::Builder::new()
             .name("obnam-writer".into())
-            .spawn_scoped(s, move || writer(repo, pack_rx, shared, packs))
+            .spawn_scoped(s, move || writer(repo, pack_rx, shared, bufs))
             .map_err(spawn_failed)?;
         let mut sink = Sink {
             repo,
@@ -313,36 +312,44 @@ pub(crate) fn with_pipeline<T>(
     })
 }
 
-/// Buffers that a later stage of the pipeline hands back for an earlier one to fill again (at
-/// most `max` wait; more are freed). Fresh buffers cost a page fault per 4 KiB on first touch
-/// (8 MiB packs are mapped and unmapped by the allocator each time): the faults and the
-/// kernel's page clearing were about a tenth of a backup's CPU time in profiles.
+/// Chunk buffers that a later stage of the pipeline hands back for an earlier one to fill
+/// again: the seal workers give back the plaintext, the writer the sealed chunks of a pack
+/// once it is on disk. Freed and fresh buffers cost page faults (the allocator gives memory
+/// back and takes it again); with the copies they replaced, they were about a quarter of a
+/// backup's CPU time in profiles. Buffers whose capacities add up to more than `max` bytes
+/// are freed.
 pub(crate) struct Recycler {
-    bufs: Mutex<Vec<Vec<u8>>>,
-    max: usize,
+    bufs: Mutex<(Vec<Vec<u8>>, u64)>,
+    max: u64,
 }
 
 impl Recycler {
-    fn new(max: usize) -> Self {
+    fn new(max: u64) -> Self {
         Self {
-            bufs: Mutex::new(Vec::with_capacity(max)),
+            bufs: Mutex::new((Vec::new(), 0)),
             max,
         }
     }
 
     /// A buffer that waited, or a new one with `capacity`.
     fn take(&self, capacity: usize) -> Vec<u8> {
-        let reused = self.bufs.lock().ok().and_then(|mut b| b.pop());
+        let reused = self.bufs.lock().ok().and_then(|mut b| {
+            let buf = b.0.pop()?;
+            b.1 -= buf.capacity() as u64;
+            Some(buf)
+        });
         reused.unwrap_or_else(|| Vec::with_capacity(capacity))
     }
 
-    /// Hands `buf` back (it is freed when `max` already wait).
+    /// Hands `buf` back (it is freed when the waiting buffers hold `max` bytes already).
     fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
+        let cap = buf.capacity() as u64;
         if let Ok(mut bufs) = self.bufs.lock()
-            && bufs.len() < self.max
+            && bufs.1 + cap <= self.max
         {
-            bufs.push(buf);
+            bufs.1 += cap;
+            bufs.0.push(buf);
         }
     }
 }
@@ -468,33 +475,25 @@ fn seal_worker(
     }
 }
 
-/// A pack buffer's first size: a full pack's chunks, the largest chunk that can end it, and
-/// room for its index and padding.
-const PACK_BUF: usize = PACK_TARGET as usize + crate::seal::MAX_CHUNK + (1 << 20);
-
 fn packer(
     keys: &Keys,
     rx: Receiver<Result<SealedChunk, NodeError>>,
     tx: SyncSender<FinishedPack>,
     shared: &Shared,
-    chunk_bufs: &Recycler,
-    pack_bufs: &Recycler,
 ) -> Result<(), NodeError> {
     let fail = |e: NodeError| {
         shared.abort.store(true, Ordering::SeqCst);
         Err(e)
     };
-    let mut builder = PackBuilder::with_buffer(pack_bufs.take(PACK_BUF));
+    let mut builder = PackBuilder::new();
     for item in rx {
         let chunk = match item {
             Ok(c) => c,
             Err(e) => return fail(e),
         };
-        builder.add(chunk.id, &chunk.sealed, chunk.plain_len);
-        chunk_bufs.give(chunk.sealed);
+        builder.add(chunk.id, chunk.sealed, chunk.plain_len);
         if builder.len() >= PACK_TARGET || builder.count() >= MAX_PACK_CHUNKS {
-            let next = PackBuilder::with_buffer(pack_bufs.take(PACK_BUF));
-            let pack = match std::mem::replace(&mut builder, next).finish(keys) {
+            let pack = match std::mem::take(&mut builder).finish(keys) {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             };
@@ -526,11 +525,11 @@ fn writer(
         let mut stored = 0u64;
         let mut written = Vec::new();
         for pack in rx {
-            let need = pack.bytes.len() as u64;
+            let need = pack.len;
             if used + need > max {
                 return Err(NodeError::OutboxFull { used, max, need });
             }
-            repo.outbox.write(&pack.id, &pack.bytes)?;
+            repo.outbox.write_parts(&pack.id, &pack.parts)?;
             let record = PackRecord {
                 len: need,
                 chunks: pack.entries.len() as u32,
@@ -538,7 +537,9 @@ fn writer(
                 in_outbox: true,
             };
             let chunks = obnam_protocol::pack::chunk_locations(pack.id, &pack.entries);
-            bufs.give(pack.bytes);
+            for part in pack.parts {
+                bufs.give(part);
+            }
             repo.store.commit_pack(&pack.id, &record, &chunks)?;
             let mut pending = shared.pending();
             for (c, _) in &chunks {
