@@ -127,16 +127,43 @@ pub async fn upload(
     pack: PackId,
     path: &Path,
 ) -> Result<Upload, NodeError> {
-    // Reads happen on the blocking pool, one piece at a time (direct I/O where possible).
+    // One blocking task reads the pack (direct I/O where possible) a piece ahead of the
+    // network: reading each piece only after the last was sent left both the disk and the
+    // connection idle half the time.
     let owned = path.to_owned();
-    let opened = tokio::task::spawn_blocking(move || {
-        let r = crate::outbox::PackReader::open(&owned)?;
-        let len = r.file_len()?;
-        Ok::<_, std::io::Error>((r, len))
-    })
-    .await
-    .map_err(|e| NodeError::io(format!("opening pack {pack}"), std::io::Error::other(e)))?;
-    let (mut reader, len) = opened.map_err(|e| NodeError::io(format!("opening pack {pack}"), e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(READ_AHEAD);
+    let (len_tx, len_rx) = tokio::sync::oneshot::channel::<std::io::Result<u64>>();
+    // Detached: it stops at its next piece once `rx` is dropped (on any return).
+    tokio::task::spawn_blocking(move || {
+        let opened = crate::outbox::PackReader::open(&owned).and_then(|r| {
+            let len = r.file_len()?;
+            Ok((r, len))
+        });
+        let (mut reader, len) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = len_tx.send(Err(e));
+                return;
+            }
+        };
+        if len_tx.send(Ok(len)).is_err() {
+            return;
+        }
+        let mut left = len;
+        while left > 0 {
+            let n = UPLOAD_PIECE.min(usize::try_from(left).unwrap_or(UPLOAD_PIECE));
+            let piece = reader.read_next(n).map(|()| reader.piece().to_vec());
+            let failed = piece.is_err();
+            if tx.blocking_send(piece).is_err() || failed {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    let len = len_rx
+        .await
+        .map_err(|e| NodeError::io(format!("opening pack {pack}"), std::io::Error::other(e)))?
+        .map_err(|e| NodeError::io(format!("opening pack {pack}"), e))?;
     let broken =
         |e: std::io::Error| NodeError::Net(format!("sending pack {} to {peer}: {e}", pack.short()));
     write_frame(stream, &StreamRequest::Put { owner, pack, len })
@@ -157,17 +184,18 @@ pub async fn upload(
     }
     let mut left = len;
     while left > 0 {
-        let n = IO_CHUNK.min(usize::try_from(left).unwrap_or(IO_CHUNK));
-        let (r, read) = tokio::task::spawn_blocking(move || {
-            let read = reader.read_next(n);
-            (reader, read)
-        })
-        .await
-        .map_err(|e| NodeError::io(format!("reading pack {pack}"), std::io::Error::other(e)))?;
-        reader = r;
-        read.map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
-        stream.write_all(reader.piece()).await.map_err(broken)?;
-        left -= n as u64;
+        let piece = rx
+            .recv()
+            .await
+            .ok_or_else(|| {
+                NodeError::io(
+                    format!("reading pack {pack}"),
+                    std::io::Error::other("the reader stopped"),
+                )
+            })?
+            .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
+        stream.write_all(&piece).await.map_err(broken)?;
+        left = left.saturating_sub(piece.len() as u64);
     }
     stream.flush().await.map_err(broken)?;
     let reply: Option<StreamReply> = read_frame(stream, MAX_STREAM_HEADER)
@@ -182,6 +210,10 @@ pub async fn upload(
         ))),
     }
 }
+
+/// The pieces an upload reads from disk at a time, and how many it reads ahead of the network.
+const UPLOAD_PIECE: usize = 1024 * 1024;
+const READ_AHEAD: usize = 2;
 
 /// Opens a pack stream and asks for `len` bytes of `pack` from `offset`, proving the owner key
 /// once if the friend asks. Returns the stream, positioned at the data, and the data's length.

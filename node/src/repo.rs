@@ -239,14 +239,22 @@ impl Repo {
     }
 
     /// Indexes pack files that a crash left in the outbox before their index commit, so the next
-    /// backup reuses them. Files that do not verify are removed. Returns how many were adopted.
+    /// backup reuses them. Files that do not verify are removed, and so are files of packs the
+    /// index says were sent (a crash between marking them sent and removing them). Returns how
+    /// many were adopted.
     ///
     /// # Errors
     /// I/O or database errors; a damaged pack is removed, not an error.
     pub fn adopt_orphans(&self, keys: &Keys) -> Result<usize, NodeError> {
         let mut adopted = 0;
         for id in self.outbox.scan()? {
-            if self.store.pack(&id)?.is_some() {
+            if let Some(rec) = self.store.pack(&id)? {
+                if !rec.in_outbox {
+                    // Sent (friends hold it): the node stopped between marking it sent and
+                    // removing the file.
+                    tracing::info!(pack = %id, "removing a sent pack's file left in the outbox");
+                    self.outbox.remove(&id)?;
+                }
                 continue;
             }
             let bytes = self.outbox.read(&id)?;
@@ -907,6 +915,49 @@ mod tests {
     fn listed(repo: &Repo, keys: &Keys) -> (u64, Vec<SnapshotId>) {
         let (_, head, body) = repo.head_body(keys).unwrap().unwrap();
         (head.seq, body.snapshots.iter().map(|e| e.id).collect())
+    }
+
+    /// At start, a pack file without an index entry is adopted, the file of a pack marked sent is
+    /// removed, and an indexed pack still in the outbox stays.
+    #[test]
+    fn start_adopts_orphans_and_removes_sent_leftovers() {
+        use crate::pack::PackBuilder;
+        let keys = Keys::derive(&MasterSecret::generate());
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let pack = |n: u8| {
+            let data = vec![n; 1000];
+            let id = keys.chunk_id(&data);
+            let mut b = PackBuilder::new();
+            b.add(
+                id,
+                crate::seal::seal_chunk(&keys, &id, &data, 3).unwrap(),
+                1000,
+            );
+            let p = b.finish(&keys).unwrap();
+            repo.outbox.write(&p.id, &p.to_bytes()).unwrap();
+            p
+        };
+        let (orphan, sent, kept) = (pack(1), pack(2), pack(3));
+        for p in [&sent, &kept] {
+            let record = PackRecord {
+                len: p.len,
+                chunks: 1,
+                created_ns: 0,
+                in_outbox: true,
+            };
+            let chunks = obnam_protocol::pack::chunk_locations(p.id, &p.entries);
+            repo.store.commit_pack(&p.id, &record, &chunks).unwrap();
+        }
+        repo.store.mark_sent_many(&[sent.id]).unwrap();
+        assert_eq!(repo.adopt_orphans(&keys).unwrap(), 1);
+        let mut left = repo.outbox.scan().unwrap();
+        left.sort_unstable();
+        let mut want = vec![orphan.id, kept.id];
+        want.sort_unstable();
+        assert_eq!(left, want);
+        assert!(repo.store.pack(&orphan.id).unwrap().unwrap().in_outbox);
+        assert!(!repo.store.pack(&sent.id).unwrap().unwrap().in_outbox);
     }
 
     /// Heads that each list snapshots the other lacks are merged into one numbered above both;

@@ -515,6 +515,33 @@ impl Store {
         Ok(())
     }
 
+    /// A friend stored one of our packs of `len` bytes: [`Store::confirm_placement`] and the
+    /// friend's `used_by_us` grows by `len`, in one commit (an upload's bookkeeping used to take
+    /// two, each an fsync).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn confirm_upload(&self, pack: &PackId, peer: &[u8], len: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_multimap_table(PLACEMENT)?
+            .insert(pack.as_bytes(), peer)?;
+        tx.open_multimap_table(SUSPECT)?
+            .remove(pack.as_bytes(), peer)?;
+        {
+            let mut t = tx.open_table(PEER_STATE)?;
+            let mut state = match t.get(peer)? {
+                None => PeerState::default(),
+                Some(v) => {
+                    PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into()))?
+                }
+            };
+            state.used_by_us += len;
+            t.insert(peer, state.to_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Whether a friend failed an audit of the pack and has not proved it since.
     ///
     /// # Errors
@@ -694,6 +721,32 @@ impl Store {
                 .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
             tx.commit()?;
         }
+        Ok(())
+    }
+
+    /// [`Store::mark_sent`] of several packs, in one commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn mark_sent_many(&self, packs: &[PackId]) -> Result<(), StoreError> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(self.own.packs)?;
+            for pack in packs {
+                let rec = match t.get(pack.as_bytes())? {
+                    None => continue,
+                    Some(v) => obnam_protocol::local::PackRecord::from_bytes(v.value())
+                        .map_err(corrupt(format!("pack record {pack}")))?,
+                };
+                let mut rec = rec;
+                rec.in_outbox = false;
+                t.insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -915,6 +968,14 @@ mod tests {
         s.update_friend_health(&[1], |h| h.audits_failed += 2)?;
         assert_eq!(s.friend_health(&[1])?.audits_failed, 2);
         s.update_peer_state(&[1], |p| p.head_seq = 4)?;
+        assert_eq!(s.peer_state(&[1])?.head_seq, 4);
+        // An upload: placed, no longer suspect, and counted in what the friend holds for us.
+        s.suspect_placement(&PackId([6; 32]), &[1])?;
+        s.confirm_upload(&PackId([6; 32]), &[1], 1000)?;
+        s.confirm_upload(&PackId([7; 32]), &[1], 500)?;
+        assert!(!s.is_suspect(&PackId([6; 32]), &[1])?);
+        assert_eq!(s.holders(&PackId([7; 32]))?, vec![vec![1]]);
+        assert_eq!(s.peer_state(&[1])?.used_by_us, 1500);
         assert_eq!(s.peer_state(&[1])?.head_seq, 4);
         assert!(s.remove_friend(&[7])?);
         Ok(())

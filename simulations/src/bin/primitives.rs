@@ -11,7 +11,9 @@
 //! 4. Replication: a node that holds those packs in its outbox gains a friend; the time until
 //!    the outbox is empty gives the replication rate, compared with the stream's (≥ 80%).
 //!
-//! `primitives [--mib N] [--work DIR] [--out DIR]`
+//! Every measurement runs once per round (`--rounds`, 3 by default); the figures are medians.
+//!
+//! `primitives [--mib N] [--rounds N] [--work DIR] [--out DIR]`
 
 use anyhow::{Context, Result, anyhow, bail};
 use chacha20poly1305::XNonce;
@@ -58,6 +60,7 @@ fn rate(bytes: usize, mut f: impl FnMut()) -> f64 {
 
 struct Options {
     mib: usize,
+    rounds: usize,
     work: PathBuf,
     out: PathBuf,
 }
@@ -65,6 +68,7 @@ struct Options {
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         mib: 512,
+        rounds: 3,
         work: PathBuf::from(obnam_simulations::bench::WORK_DIR),
         out: obnam_simulations::bench::results_dir()?,
     };
@@ -72,12 +76,16 @@ fn parse(args: &[String]) -> Result<Options> {
     while let Some(a) = f.next_flag() {
         match a {
             "--mib" => o.mib = f.parsed(a)?,
+            "--rounds" => o.rounds = f.parsed(a)?,
             "--work" => o.work = PathBuf::from(f.value(a)?),
             "--out" => o.out = PathBuf::from(f.value(a)?),
             other => bail!(
-                "unknown argument {other:?}; usage: primitives [--mib N] [--work DIR] [--out DIR]"
+                "unknown argument {other:?}; usage: primitives [--mib N] [--rounds N] [--work DIR] [--out DIR]"
             ),
         }
+    }
+    if o.rounds == 0 {
+        bail!("--rounds must be at least 1");
     }
     if o.mib < 16 {
         bail!("--mib must be at least 16");
@@ -217,41 +225,116 @@ fn replication(bins: &Bins, dir: &Path, src_arg: &str, lanes: usize) -> Result<(
     Ok((rate, stored.max(pending)))
 }
 
+/// One round of every measurement, in the order they run.
+struct Round {
+    stages: Value,
+    limit: f64,
+    disk: f64,
+    stream: f64,
+    pipeline: f64,
+    replication: f64,
+    one_lane: f64,
+    replicated: u64,
+}
+
+fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
+    eprintln!("CPU stages on {} MiB of random bytes…", o.mib);
+    let stages = cpu_stages(data, level)?;
+    let inverse: f64 = ["chunking", "hashing", "compression", "sealing"]
+        .iter()
+        .map(|k| 1.0 / stages[*k].as_f64().unwrap_or(f64::INFINITY))
+        .sum();
+    eprintln!("disk write with fsync…");
+    let disk = disk(&o.work, data)?;
+    eprintln!("libp2p stream over loopback…");
+    let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
+    eprintln!("obnam: backup with no friend, then replication to one…");
+    let (pipeline, replication, one_lane, replicated) = pipeline_and_replication(&o.work, data)?;
+    Ok(Round {
+        stages,
+        limit: cores as f64 / inverse,
+        disk,
+        stream,
+        pipeline,
+        replication,
+        one_lane,
+        replicated,
+    })
+}
+
 fn run(o: Options) -> Result<()> {
     std::fs::create_dir_all(&o.work)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let level = NodeConfig::default().zstd_level;
     let data = random_bytes(o.mib << 20, 0x9e37_79b9_7f4a_7c15);
-    eprintln!("CPU stages on {} MiB of random bytes…", o.mib);
-    let stages = cpu_stages(&data, level)?;
-    let inverse: f64 = ["chunking", "hashing", "compression", "sealing"]
+    // Every measurement once per round, the rounds one after the other: each share compares
+    // figures taken within the same minute, and the tables give the medians over the rounds
+    // (this machine's speed moves by a third between minutes).
+    let mut rounds = Vec::new();
+    for r in 1..=o.rounds {
+        eprintln!("round {r} of {}", o.rounds);
+        rounds.push(round(&o, &data, cores, level)?);
+    }
+    let med = |f: &dyn Fn(&Round) -> f64| {
+        median(&rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0)
+    };
+    let stage = |k: &'static str| move |r: &Round| r.stages[k].as_f64().unwrap_or(0.0);
+    let stages = json!({
+        "chunking": med(&stage("chunking")),
+        "hashing": med(&stage("hashing")),
+        "compression": med(&stage("compression")),
+        "sealing": med(&stage("sealing")),
+    });
+    let (limit, disk_rate, stream) = (med(&|r| r.limit), med(&|r| r.disk), med(&|r| r.stream));
+    let (pipeline, replication, one_lane) = (
+        med(&|r| r.pipeline),
+        med(&|r| r.replication),
+        med(&|r| r.one_lane),
+    );
+    let pipeline_share = med(&|r| r.pipeline / r.limit);
+    let replication_share = med(&|r| r.replication / r.stream);
+    let one_lane_share = med(&|r| r.one_lane / r.stream);
+    let replicated = rounds.iter().map(|r| r.replicated).max().unwrap_or(0);
+    let per_round: Vec<Value> = rounds
         .iter()
-        .map(|k| 1.0 / stages[*k].as_f64().unwrap_or(f64::INFINITY))
-        .sum();
-    let limit = cores as f64 / inverse;
-    eprintln!("disk write with fsync…");
-    let disk_rate = disk(&o.work, &data)?;
-    eprintln!("libp2p stream over loopback…");
-    let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
-    eprintln!("obnam: backup with no friend, then replication to one…");
-    let (pipeline, replication, one_lane, replicated) = pipeline_and_replication(&o.work, &data)?;
+        .map(|r| {
+            json!({
+                "single_core_mb_s": r.stages, "limit_mb_s": r.limit, "disk_fsync_mb_s": r.disk,
+                "libp2p_stream_mb_s": r.stream, "pipeline_mb_s": r.pipeline,
+                "replication_mb_s": r.replication, "replication_one_lane_mb_s": r.one_lane,
+                "pipeline_share": r.pipeline / r.limit,
+                "replication_share": r.replication / r.stream,
+            })
+        })
+        .collect();
+    let shares = |f: &dyn Fn(&Round) -> f64| {
+        rounds
+            .iter()
+            .map(|r| format!("{:.0}%", 100.0 * f(r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let pipeline_rounds = shares(&|r| r.pipeline / r.limit);
+    let replication_rounds = shares(&|r| r.replication / r.stream);
     let date = obnam_simulations::bench::today()?;
     let doc = json!({
         "date": date,
         "cores": cores,
         "mib": o.mib,
+        "rounds": o.rounds,
         "zstd_level": level,
         "single_core_mb_s": stages,
         "disk_fsync_mb_s": disk_rate,
         "libp2p_stream_mb_s": stream,
         "limit_mb_s": limit,
         "pipeline_mb_s": pipeline,
-        "pipeline_share": pipeline / limit,
+        "pipeline_share": pipeline_share,
         "replication_mb_s": replication,
-        "replication_share": replication / stream,
+        "replication_share": replication_share,
         "replication_one_lane_mb_s": one_lane,
         "uploads_in_flight": NodeConfig::default().uploads_in_flight,
         "replicated_bytes": replicated,
+        "per_round": per_round,
         "targets": {"pipeline_share": 0.7, "replication_share": 0.8},
     });
     let f = |k: &str| stages[k].as_f64().unwrap_or(0.0);
@@ -266,17 +349,20 @@ fn run(o: Options) -> Result<()> {
          | disk write with fsync | {disk_rate:.0} |\n\
          | libp2p stream over loopback (TCP, Noise, Yamux) | {stream:.0} |\n\n\
          | target | measured | share | needed |\n|---|---|---|---|\n\
-         | backup with no friend (packs to the outbox) | {pipeline:.0} MB/s | {:.0}% of the limit | ≥ 70% |\n\
-         | replication to one friend over loopback | {replication:.0} MB/s | {:.0}% of the stream | ≥ 80% |\n\n\
-         Replication with one upload at a time per friend (`uploads_in_flight = 1`), same run: \
+         | backup with no friend (packs to the outbox) | {pipeline:.0} MB/s | {:.0}% of the limit (rounds: {pipeline_rounds}) | ≥ 70% |\n\
+         | replication to one friend over loopback | {replication:.0} MB/s | {:.0}% of the stream (rounds: {replication_rounds}) | ≥ 80% |\n\n\
+         Medians of {rounds} rounds; each share is the median of the rounds' shares, each round's \
+         figures taken within the same minute. \
+         Replication with one upload at a time per friend (`uploads_in_flight = 1`), same rounds: \
          {one_lane:.0} MB/s ({:.0}% of the stream); the default is {lanes}.\n",
         f("chunking"),
         f("hashing"),
         f("compression"),
         f("sealing"),
-        100.0 * pipeline / limit,
-        100.0 * replication / stream,
-        100.0 * one_lane / stream,
+        100.0 * pipeline_share,
+        100.0 * replication_share,
+        100.0 * one_lane_share,
+        rounds = o.rounds,
         mib = o.mib,
         lanes = NodeConfig::default().uploads_in_flight,
     );
