@@ -29,7 +29,7 @@ use crate::exclude::Excluder;
 use crate::keys::Keys;
 use crate::pack::{FinishedPack, PackBuilder};
 use crate::repo::{Repo, now_ns};
-use crate::seal::seal_chunk_into;
+use crate::seal::{SEAL_PREFIX, SealedIn, seal_prefixed};
 use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
 use obnam_protocol::local::{CachedFile, DirCache, FileStat, PackRecord, dir_cache_key};
 use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
@@ -63,6 +63,7 @@ impl Events for NoEvents {
 
 struct Job {
     id: ChunkId,
+    /// [`SEAL_PREFIX`] bytes of room, then the plaintext.
     data: Vec<u8>,
 }
 
@@ -400,10 +401,11 @@ impl Sink<'_> {
         self.shared.abort.load(Ordering::Relaxed)
     }
 
-    /// Hands a chunk that is not [`known`](Sink::known) to the seal workers.
+    /// Hands a chunk that is not [`known`](Sink::known) to the seal workers (`data` as in
+    /// [`Job::data`]).
     fn submit(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), NodeError> {
         self.shared.pending().insert(id);
-        self.new_bytes += data.len() as u64;
+        self.new_bytes += data.len().saturating_sub(SEAL_PREFIX) as u64;
         let jobs = self.jobs.as_ref().ok_or_else(aborted)?;
         jobs.send(Job { id, data }).map_err(|_| aborted())
     }
@@ -428,7 +430,10 @@ impl Sink<'_> {
             let id = self.keys.chunk_id(chunk);
             size += chunk.len() as u64;
             if !known(self.repo, self.shared, &self.used, &id).map_err(IngestError::Abort)? {
-                let mut buf = self.bufs.take(chunk.len());
+                // Room in front for the envelope's header: an incompressible chunk is sealed
+                // in this buffer, where it lies.
+                let mut buf = self.bufs.take(SEAL_PREFIX + chunk.len() + 64);
+                buf.resize(SEAL_PREFIX, 0);
                 buf.extend_from_slice(chunk);
                 self.submit(id, buf).map_err(IngestError::Abort)?;
             }
@@ -460,15 +465,21 @@ fn seal_worker(
             guard.recv()
         };
         let Ok(job) = job else { return };
-        let plain_len = job.data.len() as u64;
-        let mut sealed = bufs.take(job.data.len() + 64);
-        let out =
-            seal_chunk_into(keys, &job.id, &job.data, level, &mut sealed).map(|()| SealedChunk {
+        let mut data = job.data;
+        let plain_len = data.len().saturating_sub(SEAL_PREFIX) as u64;
+        let mut spare = bufs.take(data.len() + 64);
+        let out = seal_prefixed(keys, &job.id, &mut data, level, &mut spare).map(|into| {
+            let sealed = match into {
+                SealedIn::Buf => std::mem::replace(&mut data, spare),
+                SealedIn::Out => spare,
+            };
+            SealedChunk {
                 id: job.id,
                 sealed,
                 plain_len,
-            });
-        bufs.give(job.data);
+            }
+        });
+        bufs.give(data);
         if tx.send(out).is_err() {
             return;
         }

@@ -104,41 +104,81 @@ pub fn seal_chunk(
     plain: &[u8],
     zstd_level: i32,
 ) -> Result<Vec<u8>, NodeError> {
+    let mut buf = Vec::with_capacity(SEAL_PREFIX + plain.len() + envelope::TAG_LEN);
+    buf.resize(SEAL_PREFIX, 0);
+    buf.extend_from_slice(plain);
     let mut out = Vec::new();
-    seal_chunk_into(keys, id, plain, zstd_level, &mut out)?;
-    Ok(out)
+    Ok(
+        match seal_prefixed(keys, id, &mut buf, zstd_level, &mut out)? {
+            SealedIn::Buf => buf,
+            SealedIn::Out => out,
+        },
+    )
 }
 
-/// [`seal_chunk`] into `out` (cleared first), so that a caller can reuse its buffers. The
-/// envelope is built in place: header, then the compressed (or raw) body, encrypted where it
-/// lies, then the tag; no copy of the chunk is made beyond compressing it (or copying it in).
+/// The room [`seal_prefixed`] needs in front of a chunk's plaintext: the envelope's header and
+/// the compression byte.
+pub const SEAL_PREFIX: usize = 1 + NONCE_LEN + 1;
+
+/// Where [`seal_prefixed`] left the sealed chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SealedIn {
+    /// In the plaintext's own buffer: stored uncompressed, encrypted where it lay.
+    Buf,
+    /// In `out`: compressed.
+    Out,
+}
+
+/// [`seal_chunk`] of the plaintext in `buf[SEAL_PREFIX..]`. A chunk worth compressing is
+/// compressed into `out` (cleared first) and sealed there; one that is not is sealed in `buf`
+/// itself, around the plaintext, so that it is never copied (the copy showed in profiles of
+/// incompressible data). Either way the envelope is built in place: header, body encrypted
+/// where it lies, tag.
 ///
 /// # Errors
 /// [`NodeError::Key`] if encryption fails (it does not for valid inputs).
-pub fn seal_chunk_into(
+pub fn seal_prefixed(
     keys: &Keys,
     id: &ChunkId,
-    plain: &[u8],
+    buf: &mut Vec<u8>,
     zstd_level: i32,
     out: &mut Vec<u8>,
-) -> Result<(), NodeError> {
+) -> Result<SealedIn, NodeError> {
     let nonce = random_nonce();
-    out.clear();
-    out.reserve(envelope::OVERHEAD + 1 + plain.len());
-    out.extend_from_slice(&envelope::header(&nonce));
-    let body = out.len();
-    out.push(COMPRESSION_ZSTD);
-    if !worth_compressing(plain, zstd_level) || !compress_into(plain, zstd_level, out) {
-        out[body] = COMPRESSION_NONE;
-        out.extend_from_slice(plain);
-    }
     let aad = envelope::chunk_aad(id);
+    let failed = |_| NodeError::Key(format!("sealing chunk {id:?} failed"));
+    let header = envelope::header(&nonce);
+    let plain = buf.get(SEAL_PREFIX..).unwrap_or_default();
+    if worth_compressing(plain, zstd_level) {
+        out.clear();
+        out.reserve(SEAL_PREFIX + plain.len() + envelope::TAG_LEN);
+        out.extend_from_slice(&header);
+        let body = out.len();
+        out.push(COMPRESSION_ZSTD);
+        if compress_into(plain, zstd_level, out) {
+            let tag = keys
+                .cipher()
+                .encrypt_inout_detached(&XNonce::from(nonce), &aad, (&mut out[body..]).into())
+                .map_err(failed)?;
+            out.extend_from_slice(&tag);
+            return Ok(SealedIn::Out);
+        }
+    }
+    if buf.len() < SEAL_PREFIX {
+        buf.resize(SEAL_PREFIX, 0);
+    }
+    buf[..header.len()].copy_from_slice(&header);
+    buf[header.len()] = COMPRESSION_NONE;
     let tag = keys
         .cipher()
-        .encrypt_inout_detached(&XNonce::from(nonce), &aad, (&mut out[body..]).into())
-        .map_err(|_| NodeError::Key(format!("sealing chunk {id:?} failed")))?;
-    out.extend_from_slice(&tag);
-    Ok(())
+        .encrypt_inout_detached(
+            &XNonce::from(nonce),
+            &aad,
+            (&mut buf[header.len()..]).into(),
+        )
+        .map_err(failed)?;
+    buf.extend_from_slice(&tag);
+    Ok(SealedIn::Buf)
 }
 
 /// Why a chunk could not be opened.
@@ -273,10 +313,16 @@ mod tests {
         let mut out = b"left over from an earlier chunk".to_vec();
         for (plain, compressed) in [(&random, false), (&mixed, true)] {
             let id = keys.chunk_id(plain);
-            seal_chunk_into(&keys, &id, plain, 3, &mut out).unwrap();
-            assert_eq!(&open_chunk(&keys, &id, &out).unwrap(), plain);
+            let mut buf = vec![9u8; SEAL_PREFIX];
+            buf.extend_from_slice(plain);
+            let sealed = match seal_prefixed(&keys, &id, &mut buf, 3, &mut out).unwrap() {
+                SealedIn::Buf => &buf,
+                SealedIn::Out => &out,
+            };
+            assert_eq!(&open_chunk(&keys, &id, sealed).unwrap(), plain);
             let raw_len = plain.len() + 1 + envelope::OVERHEAD;
-            assert_eq!(out.len() < raw_len, compressed, "{}", out.len());
+            assert_eq!(sealed.len() < raw_len, compressed, "{}", sealed.len());
+            assert_eq!(std::ptr::eq(sealed, &buf), !compressed);
         }
         assert!(worth_compressing(&text, 3));
         assert!(!worth_compressing(&random, 3));
