@@ -273,24 +273,13 @@ impl Outbox {
     /// # Errors
     /// [`NodeError::Io`] naming the pack.
     pub fn write(&self, id: &PackId, bytes: &[u8]) -> Result<(), NodeError> {
-        self.write_parts(id, &[bytes])
-    }
-
-    /// [`Outbox::write`] of a pack given as parts, written one after the other.
-    ///
-    /// # Errors
-    /// [`NodeError::Io`] naming the pack.
-    pub fn write_parts(&self, id: &PackId, parts: &[impl AsRef<[u8]>]) -> Result<(), NodeError> {
         let path = self.path(id);
         let dir = path.parent().unwrap_or(&self.dir).to_owned();
         let ctx = || format!("writing pack {id} to {}", path.display());
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(ctx(), e))?;
         let tmp = path.with_extension("tmp");
         let mut w = PackWriter::create(&tmp).map_err(|e| NodeError::io(ctx(), e))?;
-        for part in parts {
-            w.write(part.as_ref())
-                .map_err(|e| NodeError::io(ctx(), e))?;
-        }
+        w.write(bytes).map_err(|e| NodeError::io(ctx(), e))?;
         w.finish().map_err(|e| NodeError::io(ctx(), e))?;
         std::fs::rename(&tmp, &path).map_err(|e| NodeError::io(ctx(), e))?;
         sync_dir(&dir)

@@ -931,17 +931,17 @@ mod tests {
             let mut b = PackBuilder::new();
             b.add(
                 id,
-                crate::seal::seal_chunk(&keys, &id, &data, 3).unwrap(),
+                &crate::seal::seal_chunk(&keys, &id, &data, 3).unwrap(),
                 1000,
             );
             let p = b.finish(&keys).unwrap();
-            repo.outbox.write(&p.id, &p.to_bytes()).unwrap();
+            repo.outbox.write(&p.id, &p.bytes).unwrap();
             p
         };
         let (orphan, sent, kept) = (pack(1), pack(2), pack(3));
         for p in [&sent, &kept] {
             let record = PackRecord {
-                len: p.len,
+                len: p.bytes.len() as u64,
                 chunks: 1,
                 created_ns: 0,
                 in_outbox: true,
