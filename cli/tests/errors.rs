@@ -33,6 +33,38 @@ fn no_running_node_is_a_clear_error() -> TestResult {
     Ok(())
 }
 
+/// `obnam … | head`: a reader that went away ends obnam quietly with 141, as SIGPIPE would, not
+/// with a panic and a backtrace.
+#[test]
+fn a_closed_stdout_ends_obnam_quietly() -> TestResult {
+    let dir = crate::util::tempdir("obnam-test-")?;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let errors = dir.path().join("stderr");
+    let mut child = Command::new(bins().obnam)
+        .args(["status", "--json", "--data-dir"])
+        .arg(dir.path().join("nothing-here"))
+        .stdout(writer)
+        .stderr(std::fs::File::create(&errors)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            panic!("obnam did not end within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&errors)?;
+    assert_eq!(status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
+
 #[test]
 fn global_flags_work_before_and_after_the_subcommand() -> TestResult {
     let f = Fixture::started("")?;
