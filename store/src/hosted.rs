@@ -45,6 +45,22 @@ pub(crate) fn corrupt(what: String) -> impl FnOnce(obnam_protocol::DecodeError) 
     move |source| StoreError::Corrupt { what, source }
 }
 
+/// Changes a friend's [`PeerState`] inside `tx` (a default one if it has none yet).
+fn modify_peer_state(
+    tx: &redb::WriteTransaction,
+    peer: &[u8],
+    f: impl FnOnce(&mut PeerState),
+) -> Result<PeerState, StoreError> {
+    let mut t = tx.open_table(PEER_STATE)?;
+    let mut state = match t.get(peer)? {
+        None => PeerState::default(),
+        Some(v) => PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into()))?,
+    };
+    f(&mut state);
+    t.insert(peer, state.to_bytes().as_slice())?;
+    Ok(state)
+}
+
 /// A stored head: its sequence number (u64 little-endian) and the signed head after it.
 fn split_head(b: &[u8]) -> (u64, &[u8]) {
     let mut s = [0u8; 8];
@@ -527,17 +543,7 @@ impl Store {
             .insert(pack.as_bytes(), peer)?;
         tx.open_multimap_table(SUSPECT)?
             .remove(pack.as_bytes(), peer)?;
-        {
-            let mut t = tx.open_table(PEER_STATE)?;
-            let mut state = match t.get(peer)? {
-                None => PeerState::default(),
-                Some(v) => {
-                    PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into()))?
-                }
-            };
-            state.used_by_us += len;
-            t.insert(peer, state.to_bytes().as_slice())?;
-        }
+        modify_peer_state(&tx, peer, |s| s.used_by_us += len)?;
         tx.commit()?;
         Ok(())
     }
@@ -709,22 +715,8 @@ impl Store {
         Ok(counts)
     }
 
-    /// Marks one of our packs as no longer in the outbox (its file is about to be removed).
-    ///
-    /// # Errors
-    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
-    pub fn mark_sent(&self, pack: &PackId) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.pack(pack)? {
-            rec.in_outbox = false;
-            let tx = self.db.begin_write()?;
-            tx.open_table(self.own.packs)?
-                .insert(pack.as_bytes(), rec.to_bytes().as_slice())?;
-            tx.commit()?;
-        }
-        Ok(())
-    }
-
-    /// [`Store::mark_sent`] of several packs, in one commit.
+    /// Marks our `packs` as no longer in the outbox (their files are about to be removed), in
+    /// one commit.
     ///
     /// # Errors
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
@@ -797,18 +789,7 @@ impl Store {
         f: impl FnOnce(&mut PeerState),
     ) -> Result<PeerState, StoreError> {
         let tx = self.db.begin_write()?;
-        let state = {
-            let mut t = tx.open_table(PEER_STATE)?;
-            let mut state = match t.get(peer)? {
-                None => PeerState::default(),
-                Some(v) => {
-                    PeerState::from_bytes(v.value()).map_err(corrupt("peer state".into()))?
-                }
-            };
-            f(&mut state);
-            t.insert(peer, state.to_bytes().as_slice())?;
-            state
-        };
+        let state = modify_peer_state(&tx, peer, f)?;
         tx.commit()?;
         Ok(state)
     }
