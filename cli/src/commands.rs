@@ -270,6 +270,7 @@ fn backup(g: &Global, a: BackupArgs) -> Result<u8, Failure> {
             "stored_bytes": r.stored_bytes,
             "replicas": r.replicas,
             "sent_bytes": r.sent_bytes,
+            "head_seq": r.head_seq,
             "pending": r.pending,
             "problems": r.problems.iter().map(|p| json!({"path": p.path, "error": p.error})).collect::<Vec<_>>(),
         }));

@@ -13,6 +13,36 @@ fn node(dir: &Path, name: &str, extra: &str) -> anyhow::Result<Node> {
     Ok(n)
 }
 
+/// Whether `owner`'s log says `friend` stored head `seq` (or a newer one).
+fn holds_head(owner: &Node, friend: &Node, seq: u64) -> bool {
+    owner.log().lines().map(plain).any(|l| {
+        l.contains("head stored at friend")
+            && l.contains(&friend.peer_id)
+            && l.rsplit("seq=")
+                .next()
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n >= seq)
+    })
+}
+
+/// A log line without its colour codes.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
@@ -190,13 +220,9 @@ fn packs_only_an_absent_friend_holds_join_the_index_when_it_is_back() -> TestRes
         second["pending"][0].as_str().unwrap().contains("1 packs"),
         "{second}"
     );
+    let seq = second["head_seq"].as_u64().unwrap();
     wait_until("C to hold the new head", Duration::from_secs(30), || {
-        // Heads 1 (once B counted as lost) and 2.
-        Ok(a.log()
-            .lines()
-            .filter(|l| l.contains("head stored at friend") && l.contains(&c.peer_id))
-            .count()
-            >= 2)
+        Ok(holds_head(&a, &c, seq))
     })?;
     // The machine is lost while B is still away; the new node knows only C.
     a.stop();
@@ -251,23 +277,21 @@ fn a_friend_away_during_recovery_with_a_newer_head_loses_nothing() -> TestResult
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("one.bin"), noise(2 << 20, 41))?;
     a.backup(&[&src], &[], 0)?;
-    // C goes away; the second backup reaches B only (head 2 at B, head 1 at C).
+    // C goes away; the second backup's head reaches B only (C holds the first backup's).
     c.stop();
     std::fs::write(src.join("two.bin"), noise(2 << 20, 42))?;
     let second = a.backup(&[&src], &["--timeout", "5s"], 4)?;
     let second_id = second["snapshot"].as_str().unwrap().to_owned();
     let second_copy = dir.path().join("second-copy");
     copy_dir(&src, &second_copy)?;
-    wait_until("B to hold head 2", Duration::from_secs(30), || {
-        // Heads 1 and 2.
-        Ok(a.log()
-            .lines()
-            .filter(|l| l.contains("head stored at friend") && l.contains(&b.peer_id))
-            .count()
-            >= 2)
-    })
+    let seq = second["head_seq"].as_u64().unwrap();
+    wait_until(
+        "B to hold the second backup's head",
+        Duration::from_secs(30),
+        || Ok(holds_head(&a, &b, seq)),
+    )
     .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
-    // The machine is lost while B is away; the new node recovers through C, which holds head 1.
+    // The machine is lost while B is away; the new node recovers through C, which holds the first backup's head.
     a.stop();
     std::fs::remove_dir_all(&a.data_dir)?;
     b.stop();
@@ -279,7 +303,7 @@ fn a_friend_away_during_recovery_with_a_newer_head_loses_nothing() -> TestResult
         rec["snapshots"], 1,
         "C knows only the first snapshot: {rec}"
     );
-    // A backup on the new node: its head 2 is another head 2 than the one B holds.
+    // A backup on the new node: its head has the same sequence number as B's, and differs.
     std::fs::write(src.join("three.bin"), noise(1 << 20, 43))?;
     let third = a2.backup(&[&src], &["--timeout", "3s"], 4)?;
     let third_id = third["snapshot"].as_str().unwrap().to_owned();
@@ -366,6 +390,64 @@ fn recovery_through_a_friend_outside_the_replica_set_finds_every_snapshot() -> T
             .iter()
             .any(|f| f.as_str().unwrap().contains(&holder.peer_id)),
         "the pack holder is learned from the head: {rec}"
+    );
+    let target = dir.path().join("restore");
+    a2.json(
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+        0,
+    )?;
+    compare_trees(&src, &restored(&target, &src), &[])?;
+    Ok(())
+}
+
+#[test]
+fn recovery_through_a_friend_that_missed_every_backup_finds_them_through_the_others() -> TestResult
+{
+    let dir = crate::util::tempdir("obnam-recovery-")?;
+    let mut a = node(dir.path(), "a", "replicas = 1\n")?;
+    let b = node(dir.path(), "b", "")?;
+    let mut c = node(dir.path(), "c", "")?;
+    befriend_all(&[&a, &b, &c])?;
+    a.init("alice")?;
+    // C gets the key slot (and the head `init` wrote, which names B), then goes away before
+    // the first backup: every backup's head and pack goes to B alone.
+    wait_until("C to hold the key slot", Duration::from_secs(30), || {
+        Ok(a.log()
+            .lines()
+            .any(|l| l.contains("key slot stored at friend") && l.contains(&c.peer_id)))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
+    assert!(
+        holds_head(&a, &c, 1),
+        "the head goes before the slot:\n{}",
+        a.log()
+    );
+    c.stop();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("one.bin"), noise(1 << 20, 61))?;
+    a.backup(&[&src], &[], 0)?;
+    std::fs::write(src.join("two.bin"), noise(1 << 20, 62))?;
+    let second = a.backup(&[&src], &[], 0)?;
+    assert!(holds_head(&a, &b, second["head_seq"].as_u64().unwrap()));
+    a.stop();
+    std::fs::remove_dir_all(&a.data_dir)?;
+    // The new machine knows only C, which holds no snapshot.
+    c.start()?;
+    let a2 = node(dir.path(), "a2", "")?;
+    a2.add_peer(&c, &[])?;
+    let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
+    assert_eq!(
+        rec["snapshots"], 2,
+        "both snapshots, learned through B: {rec}"
+    );
+    assert!(
+        rec["friends_added"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains(&b.peer_id)),
+        "B is learned from the head C holds: {rec}"
     );
     let target = dir.path().join("restore");
     a2.json(

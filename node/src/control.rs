@@ -151,7 +151,11 @@ async fn dispatch(
     match req {
         Request::Id => {
             let addrs = daemon.net.addrs();
-            let ticket = Ticket { peer_id: daemon.net.peer_id, addrs: addrs.clone() }.encode();
+            let ticket = Ticket {
+                peer_id: daemon.net.peer_id,
+                addrs: addrs.clone(),
+            }
+            .encode();
             Ok(Reply::Id(IdReply {
                 peer_id: daemon.net.peer_id.to_string(),
                 addrs: addrs.iter().map(ToString::to_string).collect(),
@@ -175,12 +179,20 @@ async fn dispatch(
                 }
                 let owner = keys::init(&path, &init.name, &init.passphrase)?;
                 tracing::info!(name = %owner.name, owner = %owner.keys.owner_id(), "owner keys created");
+                // The first head lists the friends, so each friend that gets the key slot gets a
+                // head naming the others (see `Replicator`): a recovery through any one of them
+                // finds them all, even before the first backup reached it.
+                repo.record_friends(&owner.keys)?;
                 Ok(Reply::Init(InitReply { name: owner.name.clone(), owner: owner.keys.owner_id() }))
             })
             .await
         }
         Request::CheckPassphrase { passphrase } => {
-            blocking(move || keys::check_passphrase(&repo.paths.secrets(), &passphrase).map(|name| Reply::PassphraseOk { name })).await
+            blocking(move || {
+                keys::check_passphrase(&repo.paths.secrets(), &passphrase)
+                    .map(|name| Reply::PassphraseOk { name })
+            })
+            .await
         }
         Request::Backup(req) => {
             // Fail fast on a bad secrets file or index rather than after waiting for the lock.
@@ -193,67 +205,86 @@ async fn dispatch(
             let _guard = match daemon.backup_lock.try_lock() {
                 Ok(g) => g,
                 Err(_) => {
-                    let _ = tx.send(Event::Notice("another backup is running on this node; waiting for it to finish".into())).await;
+                    let _ = tx
+                        .send(Event::Notice(
+                            "another backup is running on this node; waiting for it to finish"
+                                .into(),
+                        ))
+                        .await;
                     daemon.backup_lock.lock().await
                 }
             };
-            let timeout = if req.timeout_secs > 0 { req.timeout_secs } else { repo.config.replication_timeout_secs };
+            let timeout = if req.timeout_secs > 0 {
+                req.timeout_secs
+            } else {
+                repo.config.replication_timeout_secs
+            };
             let events = ChanEvents(tx.clone());
             let backup_repo = repo.clone();
             let report = blocking(move || backup::backup(&backup_repo, &req, &events)).await?;
-            wait_for_replicas(daemon, report, timeout, &tx).await.map(Reply::Backup)
+            wait_for_replicas(daemon, report, timeout, &tx)
+                .await
+                .map(Reply::Backup)
         }
         Request::Snapshots => {
             let replicator = Arc::clone(&daemon.replicator);
             blocking(move || {
-            let owner = repo.owner()?;
-            repo.check_index()?;
-            // Friends may hold a newer head (written by another node of this owner, or before a
-            // recovery): ask them, adopt the newest, and name stale friends and forks.
-            if let Some(remote) = repo.remote.get() {
-                let friends = crate::recover::friend_peers(&repo, remote)?;
-                if !friends.is_empty() {
-                    let survey = remote.handle.block_on(async {
-                        tokio::time::timeout(std::time::Duration::from_secs(repo.config.request_timeout_secs), crate::recover::survey_heads(remote, &owner.keys, &friends)).await
-                    });
-                    if let Ok(survey) = survey {
-                        crate::recover::merge_survey(&repo, remote, &owner.keys, &survey)?;
-                        for s in &survey.stale {
-                            let _ = tx.blocking_send(Event::Warning(format!("stale friend: {s}")));
-                        }
-                        for f in &survey.forks {
-                            let _ = tx.blocking_send(Event::Warning(format!("fork: {f}")));
+                let owner = repo.owner()?;
+                repo.check_index()?;
+                // Friends may hold a newer head (written by another node of this owner, or before a
+                // recovery): ask them, adopt the newest, and name stale friends and forks.
+                if let Some(remote) = repo.remote.get() {
+                    let friends = crate::recover::friend_peers(&repo, remote)?;
+                    if !friends.is_empty() {
+                        let survey = remote.handle.block_on(async {
+                            tokio::time::timeout(
+                                std::time::Duration::from_secs(repo.config.request_timeout_secs),
+                                crate::recover::survey_heads(remote, &owner.keys, &friends),
+                            )
+                            .await
+                        });
+                        if let Ok(survey) = survey {
+                            crate::recover::merge_survey(&repo, remote, &owner.keys, &survey)?;
+                            for s in &survey.stale {
+                                let _ =
+                                    tx.blocking_send(Event::Warning(format!("stale friend: {s}")));
+                            }
+                            for f in &survey.forks {
+                                let _ = tx.blocking_send(Event::Warning(format!("fork: {f}")));
+                            }
                         }
                     }
                 }
-            }
-            let mut records = repo.store.snapshots()?;
-            records.sort_by_key(|(_, r)| r.time_ns);
-            let counted = replicator.counted_friends()?;
-            let health: std::collections::HashMap<_, _> =
-                crate::health::snapshot_health(&repo, &counted)?.into_iter().collect();
-            let list = records
-                .into_iter()
-                .map(|(id, r)| SnapshotInfo {
-                    id,
-                    time_ns: r.time_ns,
-                    host: r.host.clone(),
-                    paths: r.paths_lossy(),
-                    tags: r.tags.clone(),
-                    files: r.files,
-                    bytes: r.bytes,
-                    health: health.get(&id).copied().unwrap_or_default(),
-                })
-                .collect();
-            Ok(Reply::Snapshots(list))
-        })
-        .await
+                let mut records = repo.store.snapshots()?;
+                records.sort_by_key(|(_, r)| r.time_ns);
+                let counted = replicator.counted_friends()?;
+                let health: std::collections::HashMap<_, _> =
+                    crate::health::snapshot_health(&repo, &counted)?
+                        .into_iter()
+                        .collect();
+                let list = records
+                    .into_iter()
+                    .map(|(id, r)| SnapshotInfo {
+                        id,
+                        time_ns: r.time_ns,
+                        host: r.host.clone(),
+                        paths: r.paths_lossy(),
+                        tags: r.tags.clone(),
+                        files: r.files,
+                        bytes: r.bytes,
+                        health: health.get(&id).copied().unwrap_or_default(),
+                    })
+                    .collect();
+                Ok(Reply::Snapshots(list))
+            })
+            .await
         }
         Request::Ls(req) => {
             let events = ChanEvents(tx);
             blocking(move || {
                 repo.check_index()?;
-                restore::ls(&repo, &req, &events).map(|(snapshot, entries)| Reply::Ls { snapshot, entries })
+                restore::ls(&repo, &req, &events)
+                    .map(|(snapshot, entries)| Reply::Ls { snapshot, entries })
             })
             .await
         }
@@ -296,7 +327,12 @@ async fn dispatch(
             use crate::audit::{Kind, Outcome};
             let done = daemon
                 .auditor
-                .round(Some(&[Kind::Newest, Kind::Root, Kind::Random, Kind::Random]))
+                .round(Some(&[
+                    Kind::Newest,
+                    Kind::Root,
+                    Kind::Random,
+                    Kind::Random,
+                ]))
                 .await;
             let sampled = match sample_percent {
                 Some(p) => {
@@ -335,7 +371,9 @@ async fn dispatch(
                     kind: a.kind.name().into(),
                     outcome: outcome.into(),
                     detail: match (a.kind, detail) {
-                        (Kind::Sample(n), None) => Some(format!("{n} chunks decrypted and checked")),
+                        (Kind::Sample(n), None) => {
+                            Some(format!("{n} chunks decrypted and checked"))
+                        }
                         (_, d) => d,
                     },
                 });
@@ -412,13 +450,22 @@ async fn dispatch(
             .await
         }
         Request::PeerRemove { peer_id } => {
-            let peer: libp2p::PeerId = peer_id.parse().map_err(|_| NodeError::Usage(format!("{peer_id:?} is not a peer id")))?;
-            if !repo.store.remove_friend(&peer.to_bytes())? {
-                return Err(NodeError::Usage(format!("{peer} is not a friend")));
-            }
+            let peer: libp2p::PeerId = peer_id
+                .parse()
+                .map_err(|_| NodeError::Usage(format!("{peer_id:?} is not a peer id")))?;
+            let removed = blocking(move || {
+                if !repo.store.remove_friend(&peer.to_bytes())? {
+                    return Err(NodeError::Usage(format!("{peer} is not a friend")));
+                }
+                repo.record_friends_if_owner()?;
+                Ok(())
+            });
+            removed.await?;
             tracing::info!(%peer, "friend removed");
             daemon.replicator.wake();
-            Ok(Reply::PeerRemoved { peer_id: peer.to_string() })
+            Ok(Reply::PeerRemoved {
+                peer_id: peer.to_string(),
+            })
         }
         Request::Status => {
             let running = daemon.backup_lock.try_lock().is_err();
@@ -436,7 +483,9 @@ async fn dispatch(
                 let friends = repo.store.friends()?;
                 let online = friends
                     .iter()
-                    .filter(|f| libp2p::PeerId::from_bytes(&f.peer_id).is_ok_and(|p| d.net.is_connected(&p)))
+                    .filter(|f| {
+                        libp2p::PeerId::from_bytes(&f.peer_id).is_ok_and(|p| d.net.is_connected(&p))
+                    })
                     .count() as u64;
                 let seq = current_seq(&repo)?;
                 let health = d.replicator.health(seq)?;
@@ -463,7 +512,9 @@ async fn dispatch(
                     friends_online: online,
                     replicas: health.replicas,
                     replicated_to: health.holders,
-                    under_replicated: is_owner && !snaps.is_empty() && health.holders < health.replicas,
+                    under_replicated: is_owner
+                        && !snaps.is_empty()
+                        && health.holders < health.replicas,
                     waiting: health.waiting,
                     hosted_owners: hosted.len() as u64,
                     hosted_bytes: hosted.iter().map(|(_, o)| o.used).sum(),
@@ -481,7 +532,12 @@ async fn dispatch(
                             })
                         })
                         .collect::<Result<_, NodeError>>()?,
-                    latest_snapshot_health: crate::health::snapshot_health(&repo, &d.replicator.counted_friends()?)?.last().map(|(_, h)| Box::new(*h)),
+                    latest_snapshot_health: crate::health::snapshot_health(
+                        &repo,
+                        &d.replicator.counted_friends()?,
+                    )?
+                    .last()
+                    .map(|(_, h)| Box::new(*h)),
                     own_pack_bytes: repo.store.packs()?.iter().map(|(_, r)| r.len).sum(),
                     sent_bytes: d.replicator.sent_bytes(),
                     repaired_bytes: d.replicator.repaired_bytes(),
@@ -652,6 +708,7 @@ async fn peer_add(
             s.quota_refused = false;
         })?;
         tracing::info!(%peer, name = %friend.name, quota = friend.quota_given, "friend added");
+        d.repo.record_friends_if_owner()?;
         peer_info(&d, &friend)
     })
     .await?;

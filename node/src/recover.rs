@@ -8,7 +8,9 @@
 //!    verify (stale friends and forks are reported): the newest is adopted, and heads that list
 //!    snapshots the newest lacks are merged into a new head (see [`Repo::merge_head`]);
 //! 3. learns the owner's other friends from the heads, befriends them, and merges their heads
-//!    too;
+//!    too, until no head names a friend not asked yet ([`survey_all`]); every friend holding the
+//!    key slot holds a head naming the friends, because `init` writes one and a friend gets the
+//!    head before the slot;
 //! 4. sends every friend a signed takeover statement, so the new node becomes the writer;
 //! 5. rebuilds the index: lists the packs each friend holds, reads each pack's sealed index from
 //!    its last 64 KiB-aligned ranges, and records chunks, packs and holders.
@@ -47,6 +49,8 @@ pub struct HeadSurvey {
     pub forks: Vec<String>,
     /// Friends that could not be asked.
     pub unreachable: Vec<String>,
+    /// Each friend that holds a head that verifies, with that head's hash.
+    pub held: Vec<(PeerId, [u8; 32])>,
 }
 
 impl HeadSurvey {
@@ -89,7 +93,8 @@ pub async fn survey_heads(remote: &Remote, keys: &Keys, friends: &[PeerId]) -> H
             Err(e) => survey.unreachable.push(format!("{peer}: {e}")),
         }
     }
-    for (_, _, h, bytes) in &heads {
+    for (peer, signed, h, bytes) in &heads {
+        survey.held.push((*peer, signed.hash()));
         if !survey.heads.iter().any(|(_, b)| b == bytes) {
             survey.heads.push((h.seq, bytes.clone()));
         }
@@ -608,21 +613,9 @@ pub fn recover(
     let owner_id = keys.owner_id();
     tracing::info!(name, owner = %owner_id, "key slot found and opened");
 
-    let survey = remote.handle.block_on(survey_heads(remote, keys, &friends));
-    let mut warnings = survey.warnings();
-    let mut friends_added = merge_survey(repo, remote, keys, &survey)?;
-    // The friends just learned may hold a newer head, or one listing other snapshots.
-    let learned: Vec<PeerId> = friends_added
-        .iter()
-        .filter_map(|f| f.rsplit(' ').next().and_then(|p| p.parse().ok()))
-        .collect();
-    if !learned.is_empty() {
-        let more = remote.handle.block_on(survey_heads(remote, keys, &learned));
-        warnings.extend(more.warnings());
-        friends_added.extend(merge_survey(repo, remote, keys, &more)?);
-    }
-    friends_added.sort();
-    friends_added.dedup();
+    let survey = survey_all(repo, remote, keys, &friends)?;
+    let warnings = survey.warnings;
+    let friends_added = survey.friends_added;
     let head_seq = match repo.head_body(keys)? {
         Some((_, head, _)) => head.seq,
         None => 0,
@@ -645,22 +638,22 @@ pub fn recover(
     }
     let rebuilt = rebuild_index(repo, remote, keys, &friend_peers(repo, remote)?)?;
     remember_unlisted(repo, &rebuilt)?;
-    if let Some((_, head)) = &survey.best {
-        for f in repo.store.friends()? {
-            let holds = !survey.stale.iter().any(|s| {
-                s.starts_with(
-                    &PeerId::from_bytes(&f.peer_id)
-                        .map(|p| p.to_string())
-                        .unwrap_or_default(),
-                )
-            });
-            repo.store.update_peer_state(&f.peer_id, |s| {
-                s.slot_pushed = false;
-                if holds {
-                    s.head_seq = head.seq;
-                }
-            })?;
-        }
+    // Friends that hold exactly our head need not be sent it again; every friend gets the key
+    // slot again (it may hold an older one, or none).
+    let ours = repo
+        .head_body(keys)?
+        .map(|(signed, head, _)| (signed.hash(), head.seq));
+    for f in repo.store.friends()? {
+        let holds = match (&ours, PeerId::from_bytes(&f.peer_id)) {
+            (Some((hash, _)), Ok(peer)) => survey.held.contains(&(peer, *hash)),
+            _ => false,
+        };
+        repo.store.update_peer_state(&f.peer_id, |s| {
+            s.slot_pushed = false;
+            if let (true, Some((_, seq))) = (holds, ours) {
+                s.head_seq = seq;
+            }
+        })?;
     }
     repo.index_ok();
     Ok(Recovered {
@@ -672,6 +665,52 @@ pub fn recover(
         rebuilt,
         warnings,
     })
+}
+
+/// What [`survey_all`] found.
+#[derive(Debug, Default)]
+pub struct FullSurvey {
+    /// Stale friends and forks, for the user.
+    pub warnings: Vec<String>,
+    /// Friends learned from the heads, as `name peer-id`.
+    pub friends_added: Vec<String>,
+    /// Each friend that holds a head that verifies, with that head's hash.
+    pub held: Vec<(PeerId, [u8; 32])>,
+}
+
+/// Surveys `friends` for the owner's heads and merges them (see [`merge_survey`]), then does
+/// the same for every friend those heads name that was not asked yet, until no head names a
+/// new one. A friend that missed the newest heads (it was away) still holds one naming the
+/// others: the first head, written at `init`, lists the friends, and a friend gets a head before
+/// it gets the key slot. Each friend is asked once, so this ends.
+///
+/// # Errors
+/// Key or database errors.
+pub fn survey_all(
+    repo: &Repo,
+    remote: &Remote,
+    keys: &Keys,
+    friends: &[PeerId],
+) -> Result<FullSurvey, NodeError> {
+    let mut out = FullSurvey::default();
+    let mut asked: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
+    let mut next: Vec<PeerId> = friends.to_vec();
+    while !next.is_empty() {
+        asked.extend(next.iter().copied());
+        let survey = remote.handle.block_on(survey_heads(remote, keys, &next));
+        out.warnings.extend(survey.warnings());
+        out.held.extend(survey.held.iter().copied());
+        let added = merge_survey(repo, remote, keys, &survey)?;
+        // Friends already known but not asked yet (named by a head merged just now) count too.
+        next = friend_peers(repo, remote)?
+            .into_iter()
+            .filter(|p| !asked.contains(p))
+            .collect();
+        out.friends_added.extend(added);
+    }
+    out.friends_added.sort();
+    out.friends_added.dedup();
+    Ok(out)
 }
 
 /// Befriends the friends listed in a head that this node does not know yet (with the default
@@ -755,12 +794,9 @@ pub fn rebuild(
             "this node knows no friends (they were in the lost index): add one with `obnam peer add <ticket>`, then run `obnam index rebuild` again; the others are learned from your newest head".into(),
         ));
     }
-    let survey = remote
-        .handle
-        .block_on(survey_heads(remote, &owner.keys, &friends));
-    let warnings = survey.warnings();
     // Merged, never rolled back: a backup that reached no friend yet stays listed.
-    let added = merge_survey(repo, remote, &owner.keys, &survey)?;
+    let survey = survey_all(repo, remote, &owner.keys, &friends)?;
+    let (warnings, added) = (survey.warnings, survey.friends_added);
     let mut rebuilt = rebuild_index(repo, remote, &owner.keys, &friend_peers(repo, remote)?)?;
     remember_unlisted(repo, &rebuilt)?;
     repo.index_ok();

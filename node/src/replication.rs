@@ -783,6 +783,11 @@ impl Replicator {
         // While the old key retires, the slot's lookup id is still filed for it at friends; the
         // successor statement moves it.
         if !state.slot_pushed && !crate::rotate::retiring(&self.repo.paths) {
+            // The head goes first: a friend that holds the key slot then always holds a head
+            // naming the other friends, even if the connection drops right after the slot.
+            if let Some(head_bytes) = store.own_head()? {
+                self.push_head(peer, f, keys, head_bytes).await?;
+            }
             let req = Request::PutSlot {
                 owner: owner_id,
                 lookup: owner.lookup,

@@ -369,6 +369,66 @@ impl Repo {
         Ok(seq)
     }
 
+    /// Writes a new head when the friend list changed since the current one (or when there is
+    /// no head yet): same snapshots, sequence + 1, the friends as they are now. The head is what
+    /// a recovery through any one friend reads to find the others, so it is kept true from
+    /// `init` on, not only at the next backup. Returns the new sequence number, or `None` when
+    /// the head already lists exactly these friends.
+    ///
+    /// # Errors
+    /// Database or key errors.
+    pub fn record_friends(&self, keys: &Keys) -> Result<Option<u64>, NodeError> {
+        let _head = self.lock_head();
+        let mut now: Vec<Vec<u8>> = self
+            .store
+            .friends()?
+            .into_iter()
+            .map(|f| f.peer_id)
+            .collect();
+        now.sort();
+        let (seq, prev, mut body) = match self.head_body(keys)? {
+            Some((signed, head, body)) => {
+                let mut listed: Vec<Vec<u8>> =
+                    body.friends.iter().map(|f| f.peer_id.clone()).collect();
+                listed.sort();
+                if listed == now {
+                    return Ok(None);
+                }
+                (head.seq + 1, Some(signed.hash()), body)
+            }
+            None => (
+                1,
+                None,
+                HeadBody {
+                    snapshots: Vec::new(),
+                    friends: Vec::new(),
+                    chunker: ChunkerParams::DEFAULT,
+                },
+            ),
+        };
+        let signed = self.sign_head(keys, seq, prev, &mut body)?;
+        self.store.adopt_head(&[], &signed.to_bytes())?;
+        tracing::info!(
+            seq,
+            friends = body.friends.len(),
+            "head records the friend list"
+        );
+        Ok(Some(seq))
+    }
+
+    /// [`Repo::record_friends`] with the owner's keys, when this node has an owner yet (a node
+    /// befriends its friends before `init`, and `init` records them).
+    ///
+    /// # Errors
+    /// Database or key errors, or a damaged secrets file.
+    pub fn record_friends_if_owner(&self) -> Result<Option<u64>, NodeError> {
+        match self.owner() {
+            Ok(owner) => self.record_friends(&owner.keys),
+            Err(NodeError::NotInitialized) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn lock_head(&self) -> std::sync::MutexGuard<'_, ()> {
         self.head_lock
             .lock()
