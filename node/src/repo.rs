@@ -78,6 +78,9 @@ pub struct Repo {
     /// reader waits for the first fetch instead of fetching the pack again (a restore's
     /// prefetch and its file writers), and shares its failure.
     fetching: std::sync::Arc<std::sync::Mutex<FetchTable>>,
+    /// Keep pack files open between reads (a private cache only: the shared one lives as long
+    /// as the node, and would keep deleted outbox files on disk).
+    keep_open: bool,
     /// Held while a new head is built from the current one and committed, so a backup's commit
     /// and a merge of a friend's head never build on the same head.
     head_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -117,7 +120,16 @@ const FETCH_FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs
 struct FetchTable {
     in_flight: std::collections::HashSet<obnam_protocol::PackId>,
     failed: std::collections::HashMap<obnam_protocol::PackId, (std::time::Instant, String)>,
+    /// Woken whenever a fetch ends, so readers waiting for it go on at once.
+    ended: std::sync::Arc<tokio::sync::Notify>,
+    /// Open pack files of a private cache (see [`Repo::with_private_cache`]): a restore reads
+    /// many chunks of each pack, and opens it once, not once per chunk. At most [`OPEN_PACKS`];
+    /// closed by [`Repo::clear_cache`].
+    open: std::collections::HashMap<obnam_protocol::PackId, std::sync::Arc<std::fs::File>>,
 }
+
+/// Pack files a private cache keeps open.
+const OPEN_PACKS: usize = 64;
 
 /// A claim on fetching one pack; dropping it (after the fetch, or when the fetch is cancelled
 /// or panics) lets other readers go on.
@@ -128,11 +140,12 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.table
+        let mut t = self
+            .table
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .in_flight
-            .remove(&self.pack);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.in_flight.remove(&self.pack);
+        t.ended.notify_waiters();
     }
 }
 
@@ -181,6 +194,7 @@ impl Repo {
             index_problem: std::sync::Arc::new(std::sync::Mutex::new(problem)),
             cache_dir,
             fetching: std::sync::Arc::default(),
+            keep_open: false,
             head_lock: std::sync::Arc::default(),
         })
     }
@@ -209,6 +223,7 @@ impl Repo {
             .join("cache")
             .join(tag.iter().map(|b| format!("{b:02x}")).collect::<String>());
         r.fetching = std::sync::Arc::default();
+        r.keep_open = true;
         r
     }
 
@@ -657,12 +672,28 @@ impl Repo {
         len: usize,
     ) -> Result<Vec<u8>, NodeError> {
         use std::os::unix::fs::FileExt;
+        if let Some(f) = self.open_pack(pack) {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, offset)
+                .map_err(|e| NodeError::io(format!("reading pack {pack}"), e))?;
+            return Ok(buf);
+        }
         let cached = self.cache_path(pack);
         // The replicator deletes a pack from the outbox once its friends hold it, at any time:
         // a pack that goes between the look and the read is fetched like any other.
         let mut tries = 0;
         loop {
             tries += 1;
+            if self.keep_open
+                && let Ok(f) = std::fs::File::open(self.outbox.path(pack))
+            {
+                // Readable until closed, even if the replicator deletes it meanwhile.
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| NodeError::io(format!("reading pack {pack} in the outbox"), e))?;
+                self.keep(pack, f);
+                return Ok(buf);
+            }
             if self.outbox.path(pack).exists() {
                 match self.outbox.read_range(pack, offset, len) {
                     Ok(bytes) => return Ok(bytes),
@@ -689,8 +720,39 @@ impl Repo {
             let mut buf = vec![0u8; len];
             f.read_exact_at(&mut buf, offset)
                 .map_err(|e| NodeError::io(format!("reading fetched pack {pack}"), e))?;
+            if self.keep_open {
+                self.keep(pack, f);
+            }
             return Ok(buf);
         }
+    }
+
+    /// A pack file kept open by [`Repo::keep`].
+    fn open_pack(&self, pack: &obnam_protocol::PackId) -> Option<std::sync::Arc<std::fs::File>> {
+        if !self.keep_open {
+            return None;
+        }
+        self.fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open
+            .get(pack)
+            .cloned()
+    }
+
+    /// Keeps `file` (pack `pack`, whose content never changes) open for the next reads, closing
+    /// another when [`OPEN_PACKS`] are open.
+    fn keep(&self, pack: &obnam_protocol::PackId, file: std::fs::File) {
+        let mut t = self
+            .fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.open.len() >= OPEN_PACKS
+            && let Some(old) = t.open.keys().next().copied()
+        {
+            t.open.remove(&old);
+        }
+        t.open.insert(*pack, std::sync::Arc::new(file));
     }
 
     /// Fetches whole packs from friends into the cache, [`FETCH_PARALLEL`] at a time and in the
@@ -704,35 +766,40 @@ impl Repo {
     pub fn prefetch(
         &self,
         keys: &Keys,
-        packs: Vec<obnam_protocol::PackId>,
+        packs: tokio::sync::mpsc::UnboundedReceiver<obnam_protocol::PackId>,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<(), NodeError> {
         use futures::StreamExt;
-        let wanted: Vec<_> = packs
-            .into_iter()
-            .filter(|p| !self.outbox.path(p).exists() && !self.cache_path(p).exists())
-            .collect();
-        if wanted.is_empty() {
+        let Some(remote) = self.remote.get() else {
+            // Without a network only the outbox can be read: a pack missing there is reported
+            // by the reader that needs it.
             return Ok(());
-        }
-        let remote = self.remote.get().ok_or_else(|| {
-            NodeError::Net("packs are not in the outbox and the network is not running".into())
-        })?;
+        };
+        let wanted =
+            futures::stream::unfold(
+                packs,
+                |mut rx| async move { rx.recv().await.map(|p| (p, rx)) },
+            )
+            .filter(|p| {
+                let here = self.outbox.path(p).exists() || self.cache_path(p).exists();
+                std::future::ready(!here)
+            });
         let results: Vec<Result<(), NodeError>> = remote.handle.block_on(
-            futures::stream::iter(wanted.into_iter().map(|p| async move {
-                // Once the caller stops (its walk ended or failed), fetches end.
-                let stopped = async {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            wanted
+                .map(|p| async move {
+                    // Once the caller stops (its walk ended or failed), fetches end.
+                    let stopped = async {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    };
+                    tokio::select! {
+                        r = self.ensure_cached(remote, keys, p) => r,
+                        () = stopped => Ok(()),
                     }
-                };
-                tokio::select! {
-                    r = self.ensure_cached(remote, keys, p) => r,
-                    () = stopped => Ok(()),
-                }
-            }))
-            .buffer_unordered(FETCH_PARALLEL)
-            .collect(),
+                })
+                .buffer_unordered(FETCH_PARALLEL)
+                .collect(),
         );
         results.into_iter().collect()
     }
@@ -783,8 +850,26 @@ impl Repo {
                 drop(claim);
                 return result;
             }
-            // Another reader is fetching it: wait for that fetch, then look again.
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            // Another reader is fetching it: wait for that fetch to end, then look again.
+            let ended = std::sync::Arc::clone(
+                &self
+                    .fetching
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .ended,
+            );
+            let notified = ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let still = self
+                .fetching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .in_flight
+                .contains(&pack);
+            if still {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), notified).await;
+            }
         }
     }
 
@@ -874,6 +959,11 @@ impl Repo {
 
     /// Removes fetched packs.
     pub fn clear_cache(&self) {
+        self.fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open
+            .clear();
         let _ = std::fs::remove_dir_all(&self.cache_dir);
     }
 

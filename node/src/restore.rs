@@ -185,33 +185,50 @@ pub fn restore(
         is_root: nix::unistd::geteuid().is_root(),
         fresh,
     };
-    // The packs of the selected files, in the order the walk below needs them.
-    let mut packs = Vec::new();
-    let probe = Restorer::new(repo, keys, events, filters.clone(), id, how, None);
-    probe.collect(
-        &record.root,
-        &mut Vec::new(),
-        &mut packs,
-        &mut std::collections::HashSet::new(),
-    );
     // Files are written by a pool of threads (opening, decompressing and checking chunks is
     // CPU work), out of order; directories get their metadata once their files are done.
     let threads = repo.config.seal_threads();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let fetched_in = Mutex::new(None);
     let (report, result) = std::thread::scope(|s| {
         // Packs come from friends, several at a time, in that order, while the files are
         // written: a writer that needs a pack being fetched waits for that fetch. When the walk
         // ends, fails or panics, the prefetch stops.
         let stop = &stop;
+        let fetched_in = &fetched_in;
         let _stop_on_exit = StopOnDrop(stop);
+        // The packs of the selected files, in the order the walk below needs them, found by a
+        // walk of the trees ahead of the one that writes (its tree reads fetch the packs that
+        // hold trees; the writing walk then finds them here).
+        let (pack_tx, pack_rx) = tokio::sync::mpsc::unbounded_channel();
+        let plan_filters = filters.clone();
+        let root = &record.root;
         s.spawn(move || {
-            if let Err(e) = repo.prefetch(keys, packs, stop) {
+            let mut send = |p| pack_tx.send(p).is_ok();
+            collect(
+                repo,
+                keys,
+                &plan_filters,
+                root,
+                &mut Vec::new(),
+                &mut send,
+                &mut std::collections::HashSet::new(),
+                stop,
+            );
+        });
+        s.spawn(move || {
+            if let Err(e) = repo.prefetch(keys, pack_rx, stop) {
                 tracing::warn!(error = %e.full_message(), "prefetch incomplete; affected files will be reported");
             }
+            if let Ok(mut t) = fetched_in.lock() {
+                *t = Some(started.elapsed());
+            }
         });
-        let (job_tx, job_rx) = sync_channel::<FileJob>(threads * 4);
+        // Each job holds its file open: at most (2 × threads + 2) × BATCH_FILES files are.
+        let (job_tx, job_rx) = sync_channel::<Vec<FileJob>>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<FileDone>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<FileDone>>();
         for _ in 0..threads {
             let rx = Arc::clone(&job_rx);
             let tx = done_tx.clone();
@@ -230,14 +247,30 @@ pub fn restore(
         let mut result = r.restore_dir(&record.root, &target, &mut Vec::new());
         r.flush_dirs();
         r.pool = None;
+        let written_in = started.elapsed();
         // Every pack the walk needed has been read; after a failure, fetch no more.
         stop.store(true, Ordering::Relaxed);
         if result.is_ok() {
+            // The fetched packs go first, so the sync does not write them out too (when the
+            // node's data directory shares the target's file system).
+            repo.clear_cache();
             // One sync for the whole restore instead of one per file.
             result = std::fs::File::open(&target)
                 .and_then(|d| nix::unistd::syncfs(&d).map_err(std::io::Error::from))
                 .map_err(|e| NodeError::io(format!("syncing {}", target.display()), e));
         }
+        tracing::info!(
+            files = r.report.files,
+            bytes = r.report.bytes,
+            packs_fetched_s = fetched_in
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .map(|t| t.as_secs_f64()),
+            written_s = written_in.as_secs_f64(),
+            synced_s = started.elapsed().as_secs_f64(),
+            "restore done"
+        );
         (r.report, result)
     });
     for w in repo.take_warnings() {
@@ -292,31 +325,44 @@ fn file_worker(
     repo: &Repo,
     keys: &Keys,
     how: How,
-    rx: &Mutex<Receiver<FileJob>>,
-    tx: &std::sync::mpsc::Sender<FileDone>,
+    rx: &Mutex<Receiver<Vec<FileJob>>>,
+    tx: &std::sync::mpsc::Sender<Vec<FileDone>>,
 ) {
     loop {
-        let job = {
+        let jobs = {
             let Ok(guard) = rx.lock() else { return };
             guard.recv()
         };
-        let Ok(job) = job else { return };
-        let result = match job.created {
-            Some(c) => fill_file(repo, keys, how, &job.entry, &job.path, c),
-            None => write_file(repo, keys, how, &job.entry, &job.path),
-        };
-        let done = FileDone {
-            path: job.path,
-            size: job.entry.size,
-            result,
-        };
+        let Ok(jobs) = jobs else { return };
+        let done = jobs
+            .into_iter()
+            .map(|job| {
+                let result = match job.created {
+                    Some(c) => fill_file(repo, keys, how, &job.entry, &job.path, c),
+                    None => write_file(repo, keys, how, &job.entry, &job.path),
+                };
+                FileDone {
+                    path: job.path,
+                    size: job.entry.size,
+                    result,
+                }
+            })
+            .collect();
         if tx.send(done).is_err() {
             return;
         }
     }
 }
 
-type Pool = (SyncSender<FileJob>, Receiver<FileDone>);
+/// Files of at least this size are handed to the disk as soon as they are written.
+const WRITE_BACK_EARLY: u64 = 1 << 20;
+
+/// Small files go to the pool in batches of up to this many files…
+const BATCH_FILES: usize = 32;
+/// …or this many bytes: one hand-over (and one wake-up of a writer) per batch, not per file.
+const BATCH_BYTES: u64 = 1 << 20;
+
+type Pool = (SyncSender<Vec<FileJob>>, Receiver<Vec<FileDone>>);
 
 struct Restorer<'a> {
     repo: &'a Repo,
@@ -331,6 +377,9 @@ struct Restorer<'a> {
     pool: Option<Pool>,
     /// Jobs sent to the pool and not yet reported done.
     outstanding: usize,
+    /// Files not yet handed to the pool, and their bytes.
+    batch: Vec<FileJob>,
+    batch_bytes: u64,
     /// Directories (children first) whose metadata waits for their files.
     pending_dirs: Vec<(PathBuf, Entry)>,
 }
@@ -369,25 +418,56 @@ impl<'a> Restorer<'a> {
             last_progress: Instant::now(),
             pool,
             outstanding: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
             pending_dirs: Vec::new(),
         }
     }
 
     /// Counts a file the pool finished, or reports its failure.
-    fn file_done(&mut self, done: FileDone) {
-        self.outstanding -= 1;
-        match done.result {
-            Ok(()) => {
-                self.report.files += 1;
-                self.report.bytes += done.size;
-                self.progress(&done.path);
+    fn file_done(&mut self, done: Vec<FileDone>) {
+        for done in done {
+            self.outstanding -= 1;
+            match done.result {
+                Ok(()) => {
+                    self.report.files += 1;
+                    self.report.bytes += done.size;
+                    self.progress(&done.path);
+                }
+                Err(e) => self.problem(&done.path, e.full_message()),
             }
-            Err(e) => self.problem(&done.path, e.full_message()),
+        }
+    }
+
+    /// Hands the files batched so far to the pool.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let n = batch.len();
+        let unsent = match self.pool.as_ref() {
+            Some((tx, _)) => tx.send(batch).err().map(|e| e.0),
+            None => Some(batch),
+        };
+        match unsent {
+            None => self.outstanding += n,
+            Some(jobs) => {
+                for job in jobs {
+                    // The created file would stay empty: remove it.
+                    if let Some(c) = job.created {
+                        let _ = std::fs::remove_file(&c.dest);
+                    }
+                    self.problem(&job.path, "the restore's file writers stopped");
+                }
+            }
         }
     }
 
     /// Waits until the pool has written every file sent so far.
     fn drain(&mut self) {
+        self.send_batch();
         while self.outstanding > 0 {
             let Some(done) = self.pool.as_ref().and_then(|(_, rx)| rx.recv().ok()) else {
                 // The pool is gone (it cannot be, while we hold its sender).
@@ -411,7 +491,7 @@ impl<'a> Restorer<'a> {
     /// Writes a regular file: on the pool when there is one, else here.
     fn submit_file(&mut self, e: &Entry, path: &Path) -> Result<(), NodeError> {
         // Hard-linked files are written here, so that later links find them.
-        let Some((tx, _)) = self.pool.as_ref().filter(|_| e.hardlink.is_none()) else {
+        if self.pool.is_none() || e.hardlink.is_some() {
             write_file(self.repo, self.keys, self.how, e, path)?;
             self.report.files += 1;
             self.report.bytes += e.size;
@@ -419,27 +499,21 @@ impl<'a> Restorer<'a> {
                 self.links.insert(group, path.to_owned());
             }
             return Ok(());
-        };
+        }
         let created = if self.how.fresh {
             Some(create_file(self.how, path)?)
         } else {
             None
         };
-        let job = FileJob {
+        self.batch.push(FileJob {
             entry: e.clone(),
             path: path.to_owned(),
             created,
-        };
-        if let Err(unsent) = tx.send(job) {
-            // The created file would stay empty: remove it.
-            if let Some(c) = unsent.0.created {
-                let _ = std::fs::remove_file(&c.dest);
-            }
-            return Err(NodeError::Usage(
-                "the restore's file writers stopped".into(),
-            ));
+        });
+        self.batch_bytes += e.size;
+        if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+            self.send_batch();
         }
-        self.outstanding += 1;
         // Take what is done, without waiting.
         while let Some(done) = self.pool.as_ref().and_then(|(_, rx)| rx.try_recv().ok()) {
             self.file_done(done);
@@ -448,54 +522,7 @@ impl<'a> Restorer<'a> {
     }
 
     fn select(&self, parts: &[Vec<u8>]) -> Selection {
-        if self.filters.is_empty() {
-            return Selection::All;
-        }
-        let mut partly = false;
-        for f in &self.filters {
-            if parts.len() >= f.len() && parts[..f.len()] == f[..] {
-                return Selection::All;
-            }
-            if f.len() > parts.len() && f[..parts.len()] == parts[..] {
-                partly = true;
-            }
-        }
-        if partly {
-            Selection::Partly
-        } else {
-            Selection::No
-        }
-    }
-
-    /// The packs holding the selected files' data (trees are read, and fetched, on the way).
-    fn collect(
-        &self,
-        tree: &[ChunkId],
-        parts: &mut Vec<Vec<u8>>,
-        out: &mut Vec<obnam_protocol::PackId>,
-        seen: &mut std::collections::HashSet<obnam_protocol::PackId>,
-    ) {
-        let Ok(tree) = self.repo.read_tree(self.keys, tree) else {
-            return;
-        };
-        for e in tree.entries {
-            parts.push(e.name.clone());
-            match (self.select(parts), e.kind) {
-                (Selection::No, _) => {}
-                (_, EntryKind::Dir) => self.collect(&e.content, parts, out, seen),
-                (Selection::All, EntryKind::File) => {
-                    for c in &e.content {
-                        if let Ok(Some(loc)) = self.repo.store.chunk(c)
-                            && seen.insert(loc.pack)
-                        {
-                            out.push(loc.pack);
-                        }
-                    }
-                }
-                _ => {}
-            }
-            parts.pop();
-        }
+        select(&self.filters, parts)
     }
 
     fn problem(&mut self, path: &Path, err: impl std::fmt::Display) {
@@ -634,6 +661,69 @@ impl<'a> Restorer<'a> {
     }
 }
 
+/// Whether the entry at `parts` is selected by `filters` (paths as components; none selects
+/// everything), or only some of its children are.
+fn select(filters: &[Vec<Vec<u8>>], parts: &[Vec<u8>]) -> Selection {
+    if filters.is_empty() {
+        return Selection::All;
+    }
+    let mut partly = false;
+    for f in filters {
+        if parts.len() >= f.len() && parts[..f.len()] == f[..] {
+            return Selection::All;
+        }
+        if f.len() > parts.len() && f[..parts.len()] == parts[..] {
+            partly = true;
+        }
+    }
+    if partly {
+        Selection::Partly
+    } else {
+        Selection::No
+    }
+}
+
+/// Sends each pack holding the selected files' data to `out`, once, in the order a walk of the
+/// trees meets them (trees are read, and fetched, on the way). Ends early when `stop` is set
+/// or `out` returns false.
+#[allow(clippy::too_many_arguments)]
+fn collect(
+    repo: &Repo,
+    keys: &Keys,
+    filters: &[Vec<Vec<u8>>],
+    tree: &[ChunkId],
+    parts: &mut Vec<Vec<u8>>,
+    out: &mut dyn FnMut(obnam_protocol::PackId) -> bool,
+    seen: &mut std::collections::HashSet<obnam_protocol::PackId>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    let Ok(tree) = repo.read_tree(keys, tree) else {
+        return true;
+    };
+    for e in tree.entries {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        parts.push(e.name.clone());
+        let go_on = match (select(filters, parts), e.kind) {
+            (Selection::No, _) => true,
+            (_, EntryKind::Dir) => collect(repo, keys, filters, &e.content, parts, out, seen, stop),
+            (Selection::All, EntryKind::File) => {
+                e.content.iter().all(|c| match repo.store.chunk(c) {
+                    Ok(Some(loc)) if seen.insert(loc.pack) => out(loc.pack),
+                    _ => true,
+                })
+            }
+            _ => true,
+        };
+        parts.pop();
+        if !go_on {
+            return false;
+        }
+    }
+    true
+}
+
 /// A regular file being restored: created, empty, under `dest`.
 struct Created {
     file: std::fs::File,
@@ -697,6 +787,16 @@ fn fill_file(
             file.write_all(&data).map_err(|err| io("writing", err))?;
         }
         set_file_meta(how.is_root, &file, e).map_err(|err| io("setting metadata of", err))?;
+        if e.size >= WRITE_BACK_EARLY {
+            // Start writing it to disk now (the kernel does it in the background), so the one
+            // sync at the end has little left to wait for. Only advice: errors do not matter.
+            let _ = nix::fcntl::posix_fadvise(
+                &file,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         drop(file);
         if how.fresh {
             return Ok(());
