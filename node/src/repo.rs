@@ -1112,6 +1112,51 @@ mod tests {
 
     /// Heads that each list snapshots the other lacks are merged into one numbered above both;
     /// a newer superset is adopted; an older subset changes nothing.
+    /// The head lists the friends from the first one on, and a new head is written only when
+    /// the friend list changed, with the same snapshots.
+    #[test]
+    fn heads_record_the_friend_list() {
+        let keys = Keys::derive(&MasterSecret::generate());
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let friend = |id: u8| obnam_protocol::local::Friend {
+            peer_id: vec![id; 4],
+            name: format!("f{id}"),
+            household: String::new(),
+            addrs: vec![],
+            quota_given: 1,
+            added_ns: 0,
+        };
+        let friends = |repo: &Repo| {
+            let (_, head, body) = repo.head_body(&keys).unwrap().unwrap();
+            let mut ids: Vec<Vec<u8>> = body.friends.into_iter().map(|f| f.peer_id).collect();
+            ids.sort();
+            (head.seq, ids, body.snapshots.len())
+        };
+        repo.store.put_friend(&friend(1)).unwrap();
+        // No head yet: head 1, no snapshot, friend 1.
+        assert_eq!(repo.record_friends(&keys).unwrap(), Some(1));
+        assert_eq!(friends(&repo), (1, vec![vec![1; 4]], 0));
+        // Nothing changed: no new head.
+        assert_eq!(repo.record_friends(&keys).unwrap(), None);
+        snap(&repo, &keys, 7);
+        repo.store.put_friend(&friend(2)).unwrap();
+        assert_eq!(repo.record_friends(&keys).unwrap(), Some(3));
+        assert_eq!(friends(&repo), (3, vec![vec![1; 4], vec![2; 4]], 1));
+        assert!(repo.store.remove_friend(&[1; 4]).unwrap());
+        assert_eq!(repo.record_friends(&keys).unwrap(), Some(4));
+        assert_eq!(friends(&repo), (4, vec![vec![2; 4]], 1));
+        // The chain holds: each head names the one before it.
+        let bytes = repo.store.own_head().unwrap().unwrap();
+        assert!(
+            SignedHead::verify(&bytes, &keys.owner_id())
+                .unwrap()
+                .1
+                .prev
+                .is_some()
+        );
+    }
+
     #[test]
     fn merging_heads_never_drops_a_snapshot() {
         let keys = Keys::derive(&MasterSecret::generate());
