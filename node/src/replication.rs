@@ -211,12 +211,20 @@ impl Replicator {
         self.progress.send_modify(|v| *v += 1);
     }
 
+    /// Records the last error with `peer`. It is logged as a warning when it is new, and at
+    /// debug level when it repeats the last one (a friend that is away fails every round).
     fn note_error(&self, peer: PeerId, e: impl std::fmt::Display) {
         let text = e.to_string();
-        tracing::warn!(%peer, error = %text, "replication");
-        if let Ok(mut m) = self.errors.lock() {
-            m.insert(peer, text);
+        let Ok(mut m) = self.errors.lock() else {
+            tracing::warn!(%peer, error = %text, "replication");
+            return;
+        };
+        if m.get(&peer) == Some(&text) {
+            tracing::debug!(%peer, error = %text, "replication (again)");
+        } else {
+            tracing::warn!(%peer, error = %text, "replication");
         }
+        m.insert(peer, text);
     }
 
     /// Runs rounds until the node stops.
