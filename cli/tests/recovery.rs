@@ -43,6 +43,29 @@ fn plain(line: &str) -> String {
     out
 }
 
+/// Whether a recovery report lists `peer_id` among the friends it learned.
+fn learned(rec: &serde_json::Value, peer_id: &str) -> bool {
+    rec["friends_added"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|f| f.as_str().is_some_and(|f| f.contains(peer_id)))
+    })
+}
+
+/// Restores `node`'s latest snapshot into `target` and checks it against `src`.
+fn restore_latest(node: &Node, target: &Path, src: &Path) -> anyhow::Result<()> {
+    node.json(
+        &[
+            "restore",
+            "latest",
+            "--target",
+            target.to_str().unwrap_or_default(),
+        ],
+        0,
+    )?;
+    compare_trees(src, &restored(target, src), &[])?;
+    Ok(())
+}
+
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
@@ -101,11 +124,7 @@ fn a_lost_machine_comes_back_with_name_passphrase_and_one_friend() -> TestResult
     assert_eq!(rec["snapshots"], 2, "{rec}");
     assert!(rec["packs"].as_u64().unwrap() >= 2, "{rec}");
     assert!(
-        rec["friends_added"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f.as_str().unwrap().contains(&b.peer_id)),
+        learned(&rec, &b.peer_id),
         "B is learned from the head: {rec}"
     );
     let snaps = a2.json(&["snapshots"], 0)?;
@@ -384,20 +403,10 @@ fn recovery_through_a_friend_outside_the_replica_set_finds_every_snapshot() -> T
     let rec = a2.json(&["init", "--recover", "--name", "alice"], 0)?;
     assert_eq!(rec["snapshots"], 1, "{rec}");
     assert!(
-        rec["friends_added"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f.as_str().unwrap().contains(&holder.peer_id)),
+        learned(&rec, &holder.peer_id),
         "the pack holder is learned from the head: {rec}"
     );
-    let target = dir.path().join("restore");
-    a2.json(
-        &["restore", "latest", "--target", target.to_str().unwrap()],
-        0,
-    )?;
-    compare_trees(&src, &restored(&target, &src), &[])?;
-    Ok(())
+    restore_latest(&a2, &dir.path().join("restore"), &src)
 }
 
 #[test]
@@ -442,18 +451,8 @@ fn recovery_through_a_friend_that_missed_every_backup_finds_them_through_the_oth
         "both snapshots, learned through B: {rec}"
     );
     assert!(
-        rec["friends_added"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f.as_str().unwrap().contains(&b.peer_id)),
+        learned(&rec, &b.peer_id),
         "B is learned from the head C holds: {rec}"
     );
-    let target = dir.path().join("restore");
-    a2.json(
-        &["restore", "latest", "--target", target.to_str().unwrap()],
-        0,
-    )?;
-    compare_trees(&src, &restored(&target, &src), &[])?;
-    Ok(())
+    restore_latest(&a2, &dir.path().join("restore"), &src)
 }

@@ -362,18 +362,7 @@ impl Repo {
         packs: Option<&[obnam_protocol::PackId]>,
     ) -> Result<u64, NodeError> {
         let _head = self.lock_head();
-        let (seq, prev, mut body) = match self.head_body(keys)? {
-            Some((signed, head, body)) => (head.seq + 1, Some(signed.hash()), body),
-            None => (
-                1,
-                None,
-                HeadBody {
-                    snapshots: Vec::new(),
-                    friends: Vec::new(),
-                    chunker: record.chunker,
-                },
-            ),
-        };
+        let (seq, prev, mut body) = self.next_head(keys, record.chunker)?;
         body.snapshots.push(SnapshotEntry {
             id,
             record: record.clone(),
@@ -401,26 +390,12 @@ impl Repo {
             .map(|f| f.peer_id)
             .collect();
         now.sort();
-        let (seq, prev, mut body) = match self.head_body(keys)? {
-            Some((signed, head, body)) => {
-                let mut listed: Vec<Vec<u8>> =
-                    body.friends.iter().map(|f| f.peer_id.clone()).collect();
-                listed.sort();
-                if listed == now {
-                    return Ok(None);
-                }
-                (head.seq + 1, Some(signed.hash()), body)
-            }
-            None => (
-                1,
-                None,
-                HeadBody {
-                    snapshots: Vec::new(),
-                    friends: Vec::new(),
-                    chunker: ChunkerParams::DEFAULT,
-                },
-            ),
-        };
+        let (seq, prev, mut body) = self.next_head(keys, ChunkerParams::DEFAULT)?;
+        let mut listed: Vec<Vec<u8>> = body.friends.iter().map(|f| f.peer_id.clone()).collect();
+        listed.sort();
+        if seq > 1 && listed == now {
+            return Ok(None);
+        }
         let signed = self.sign_head(keys, seq, prev, &mut body)?;
         self.store.adopt_head(&[], &signed.to_bytes())?;
         tracing::info!(
@@ -442,6 +417,28 @@ impl Repo {
             Err(NodeError::NotInitialized) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The sequence number, previous hash and body of the head after the current one (the
+    /// current body, to be changed), or of a first head using `chunker`. Call with the head lock
+    /// held.
+    fn next_head(
+        &self,
+        keys: &Keys,
+        chunker: ChunkerParams,
+    ) -> Result<(u64, Option<[u8; 32]>, HeadBody), NodeError> {
+        Ok(match self.head_body(keys)? {
+            Some((signed, head, body)) => (head.seq + 1, Some(signed.hash()), body),
+            None => (
+                1,
+                None,
+                HeadBody {
+                    snapshots: Vec::new(),
+                    friends: Vec::new(),
+                    chunker,
+                },
+            ),
+        })
     }
 
     fn lock_head(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -694,7 +691,7 @@ impl Repo {
                 self.keep(pack, f);
                 return Ok(buf);
             }
-            if self.outbox.path(pack).exists() {
+            if !self.keep_open && self.outbox.path(pack).exists() {
                 match self.outbox.read_range(pack, offset, len) {
                     Ok(bytes) => return Ok(bytes),
                     Err(e) if tries >= 3 || self.outbox.path(pack).exists() => return Err(e),
