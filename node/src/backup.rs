@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Every stage is a thread, never an async task, and every channel is bounded: at most
-//! `2 × workers` chunks wait for sealing, `2 × workers` sealed chunks wait for the packer,
-//! one pack is being built and `packs_in_flight` finished packs wait for the disk. Memory does
+//! `2 × workers` chunks wait for sealing, `2 × workers` sealed chunks wait for the packer, and
+//! `2 × packs_in_flight` windows of 1 MiB wait for the writer. A pack is never whole in memory:
+//! the packer streams it into windows (hashing them for the pack id), the writer writes them to
+//! a temporary file and, at the pack's end, syncs it and renames it to the id's name. Memory does
 //! not depend on the size or number of files.
 //!
 //! Write order: pack file (durable) → index commit → (after the pipeline drained) snapshot and
@@ -27,12 +29,13 @@ use crate::chunker;
 use crate::error::NodeError;
 use crate::exclude::Excluder;
 use crate::keys::Keys;
-use crate::pack::{FinishedPack, PackBuilder};
+use crate::outbox::{PackWriter, Window};
+use crate::pack::{PackBuilder, PackOut};
 use crate::repo::{Repo, now_ns};
 use crate::seal::{SEAL_PREFIX, SealedIn, seal_prefixed};
 use obnam_protocol::control::{BackupReport, BackupRequest, Event, FileProblem, Progress};
 use obnam_protocol::local::{CachedFile, DirCache, FileStat, PackRecord, dir_cache_key};
-use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET};
+use obnam_protocol::pack::{MAX_PACK_CHUNKS, PACK_TARGET, PackIndexEntry};
 use obnam_protocol::snapshot::{ChunkerParams, SnapshotRecord};
 use obnam_protocol::tree::{Entry, EntryKind, Tree};
 use obnam_protocol::{ChunkId, PackId, SnapshotId};
@@ -244,19 +247,21 @@ pub(crate) fn with_pipeline<T>(
         pending: Mutex::new(HashSet::new()),
         abort: AtomicBool::new(false),
     };
-    // Chunk buffers live only in the channels and the workers, and are reused. Pack buffers
-    // are not: keeping `in_flight + 1` of them for reuse saved their page faults (about 8% of
-    // the CPU of a backup of random bytes) but kept 20 MiB more resident on the medium dataset
-    // (90 against 71 MiB peak), and so did keeping each chunk's sealed buffer inside its pack
-    // instead of copying it (4% of the CPU, 181 against 107 MiB).
+    // Chunk buffers live only in the channels and the workers, and are reused. A pack is
+    // never whole in memory: the packer copies each sealed chunk into 1 MiB windows, which
+    // wait for the writer in a channel and come back to be filled again.
     let chunk_bufs = Recycler::new(2 * threads + 2);
+    let windows = Windows {
+        free: Mutex::new(Vec::new()),
+        max: in_flight * WINDOWS_PER_PACK + 2,
+    };
     std::thread::scope(|s| {
         // The channels live in this closure: if a thread cannot be started, returning drops
         // them, so the threads already started see their channel close and stop.
         let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (sealed_tx, sealed_rx) = sync_channel::<Result<SealedChunk, NodeError>>(threads * 2);
-        let (pack_tx, pack_rx) = sync_channel::<FinishedPack>(in_flight);
+        let (pack_tx, pack_rx) = sync_channel::<Piece>(in_flight * WINDOWS_PER_PACK);
         let spawn_failed = |e| NodeError::io("starting a backup pipeline thread", e);
         for _ in 0..threads {
             let rx = Arc::clone(&job_rx);
@@ -274,13 +279,16 @@ pub(crate) fn with_pipeline<T>(
         drop(job_rx);
         let shared = &shared;
         let chunks = &chunk_bufs;
+        let windows = &windows;
         let packer = std::thread::Builder::new()
             .name("obnam-packer".into())
-            .spawn_scoped(s, move || packer(keys, sealed_rx, pack_tx, shared, chunks))
+            .spawn_scoped(s, move || {
+                packer(keys, sealed_rx, pack_tx, shared, chunks, windows)
+            })
             .map_err(spawn_failed)?;
         let writer = std::thread::Builder::new()
             .name("obnam-writer".into())
-            .spawn_scoped(s, move || writer(repo, pack_rx, shared))
+            .spawn_scoped(s, move || writer(repo, pack_rx, shared, windows))
             .map_err(spawn_failed)?;
         let mut sink = Sink {
             repo,
@@ -355,10 +363,6 @@ impl Recycler {
         }
     }
 }
-
-/// A pack buffer's size: a full pack's chunks, the largest chunk that can end it, and room
-/// for its index and padding.
-const PACK_BUF: usize = PACK_TARGET as usize + crate::seal::MAX_CHUNK + (1 << 20);
 
 /// [`Sink::known`], over the fields it needs (so that it can run while the chunker's buffer is
 /// borrowed).
@@ -491,72 +495,189 @@ fn seal_worker(
     }
 }
 
+/// Windows (of 1 MiB) that may wait for the pack writer, per `packs_in_flight`.
+const WINDOWS_PER_PACK: usize = 2;
+
+/// What the packer hands the pack writer.
+enum Piece {
+    /// The next window of the current pack.
+    Data(Window),
+    /// The current pack is complete: its id, length and chunks.
+    End {
+        id: PackId,
+        len: u64,
+        entries: Vec<PackIndexEntry>,
+    },
+}
+
+/// Windows the writer hands back for the packer to fill again (a fresh window costs a page
+/// fault per 4 KiB, as a fresh pack buffer did).
+struct Windows {
+    free: Mutex<Vec<Window>>,
+    max: usize,
+}
+
+impl Windows {
+    fn take(&self) -> Result<Window, NodeError> {
+        let reused = self.free.lock().ok().and_then(|mut w| w.pop());
+        match reused {
+            Some(w) => Ok(w),
+            None => Window::new().map_err(|e| NodeError::io("allocating a pack window", e)),
+        }
+    }
+
+    fn give(&self, mut w: Window) {
+        w.clear();
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < self.max
+        {
+            free.push(w);
+        }
+    }
+}
+
+/// The packer's [`PackOut`]: fills windows, hashes each (the pack id is the hash of the whole
+/// pack) and sends each full one to the writer.
+struct Stream<'a> {
+    window: Window,
+    hasher: blake3::Hasher,
+    tx: &'a SyncSender<Piece>,
+    windows: &'a Windows,
+}
+
+impl<'a> Stream<'a> {
+    fn new(tx: &'a SyncSender<Piece>, windows: &'a Windows) -> Result<Self, NodeError> {
+        Ok(Self {
+            window: windows.take()?,
+            hasher: blake3::Hasher::new(),
+            tx,
+            windows,
+        })
+    }
+
+    /// Sends the window if anything is in it.
+    fn send(&mut self) -> Result<(), NodeError> {
+        if self.window.bytes().is_empty() {
+            return Ok(());
+        }
+        self.hasher.update(self.window.bytes());
+        let full = std::mem::replace(&mut self.window, self.windows.take()?);
+        self.tx.send(Piece::Data(full)).map_err(|_| aborted())
+    }
+
+    /// Sends what is left, then the pack's end.
+    fn end(mut self, len: u64, entries: Vec<PackIndexEntry>) -> Result<(), NodeError> {
+        self.send()?;
+        let id = PackId::from(*self.hasher.finalize().as_bytes());
+        self.windows.give(self.window);
+        self.tx
+            .send(Piece::End { id, len, entries })
+            .map_err(|_| aborted())
+    }
+}
+
+impl PackOut for Stream<'_> {
+    fn put(&mut self, mut bytes: &[u8]) -> Result<(), NodeError> {
+        while !bytes.is_empty() {
+            let n = self.window.push(bytes);
+            bytes = &bytes[n..];
+            if self.window.is_full() {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn packer(
     keys: &Keys,
     rx: Receiver<Result<SealedChunk, NodeError>>,
-    tx: SyncSender<FinishedPack>,
+    tx: SyncSender<Piece>,
     shared: &Shared,
     chunk_bufs: &Recycler,
+    windows: &Windows,
 ) -> Result<(), NodeError> {
-    let fail = |e: NodeError| {
-        shared.abort.store(true, Ordering::SeqCst);
-        Err(e)
-    };
-    // Sized for a whole pack at once: growing by doubling copied (or remapped) it.
-    let mut builder = PackBuilder::with_buffer(Vec::with_capacity(PACK_BUF));
-    for item in rx {
-        let chunk = match item {
-            Ok(c) => c,
-            Err(e) => return fail(e),
+    let result = (|| {
+        let finish = |b: PackBuilder<Stream<'_>>| {
+            let (stream, len, entries) = b.finish_into(keys)?;
+            stream.end(len, entries)
         };
-        builder.add(chunk.id, &chunk.sealed, chunk.plain_len);
-        chunk_bufs.give(chunk.sealed);
-        if builder.len() >= PACK_TARGET || builder.count() >= MAX_PACK_CHUNKS {
-            let next = PackBuilder::with_buffer(Vec::with_capacity(PACK_BUF));
-            let pack = match std::mem::replace(&mut builder, next).finish(keys) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            if tx.send(pack).is_err() {
-                // The writer stopped: it recorded its error and set the abort flag.
-                return Ok(());
+        let mut builder = PackBuilder::to(Stream::new(&tx, windows)?);
+        for item in rx {
+            let chunk = item?;
+            builder.add(chunk.id, &chunk.sealed, chunk.plain_len)?;
+            chunk_bufs.give(chunk.sealed);
+            if builder.len() >= PACK_TARGET || builder.count() >= MAX_PACK_CHUNKS {
+                let next = PackBuilder::to(Stream::new(&tx, windows)?);
+                finish(std::mem::replace(&mut builder, next))?;
             }
         }
+        if !builder.is_empty() {
+            finish(builder)?;
+        }
+        Ok(())
+    })();
+    match result {
+        // The writer stopped: it recorded its error and set the abort flag before it let go
+        // of its end of the channel.
+        Err(_) if shared.abort.load(Ordering::SeqCst) => Ok(()),
+        Err(e) => {
+            shared.abort.store(true, Ordering::SeqCst);
+            Err(e)
+        }
+        Ok(()) => Ok(()),
     }
-    if !builder.is_empty() {
-        let pack = match builder.finish(keys) {
-            Ok(p) => p,
-            Err(e) => return fail(e),
-        };
-        let _ = tx.send(pack);
-    }
-    Ok(())
 }
 
+/// Writes the packer's windows to the outbox, then places each finished pack under its id
+/// (fsync, rename, directory fsync) and commits it to the index.
 fn writer(
     repo: &Repo,
-    rx: Receiver<FinishedPack>,
+    rx: Receiver<Piece>,
     shared: &Shared,
+    windows: &Windows,
 ) -> Result<(u64, Vec<PackId>), NodeError> {
+    let mut current: Option<PackWriter> = None;
     let result = (|| {
         let mut used = repo.store.outbox_usage()?.bytes;
         let max = repo.config.outbox_max_bytes;
         let mut stored = 0u64;
         let mut written = Vec::new();
-        for pack in rx {
-            let need = pack.bytes.len() as u64;
-            if used + need > max {
-                return Err(NodeError::OutboxFull { used, max, need });
+        for piece in rx.iter() {
+            let (id, need, entries) = match piece {
+                Piece::Data(w) => {
+                    let file = match &mut current {
+                        Some(f) => f,
+                        None => current.insert(repo.outbox.begin()?),
+                    };
+                    file.write_window(&w)
+                        .map_err(|e| NodeError::io("writing a pack to the outbox", e))?;
+                    windows.give(w);
+                    continue;
+                }
+                Piece::End { id, len, entries } => (id, len, entries),
+            };
+            let file = current
+                .take()
+                .ok_or_else(|| NodeError::Key(format!("pack {id} ended before it began")))?;
+            if file.len() != need || used + need > max {
+                file.abandon();
+                if used + need > max {
+                    return Err(NodeError::OutboxFull { used, max, need });
+                }
+                return Err(NodeError::Key(format!(
+                    "pack {id}: wrote a length other than its own"
+                )));
             }
-            repo.outbox.write(&pack.id, &pack.bytes)?;
+            repo.outbox.place(file, &id)?;
             let record = PackRecord {
                 len: need,
-                chunks: pack.entries.len() as u32,
+                chunks: entries.len() as u32,
                 created_ns: now_ns(),
                 in_outbox: true,
             };
-            let chunks = obnam_protocol::pack::chunk_locations(pack.id, &pack.entries);
-            repo.store.commit_pack(&pack.id, &record, &chunks)?;
+            let chunks = obnam_protocol::pack::chunk_locations(id, &entries);
+            repo.store.commit_pack(&id, &record, &chunks)?;
             let mut pending = shared.pending();
             for (c, _) in &chunks {
                 pending.remove(c);
@@ -564,17 +685,25 @@ fn writer(
             drop(pending);
             used += need;
             stored += need;
-            written.push(pack.id);
+            written.push(id);
             if let Some(remote) = repo.remote.get() {
                 remote.packs_ready.notify_one();
             }
-            tracing::debug!(pack = %pack.id, bytes = need, chunks = chunks.len(), "pack written");
+            tracing::debug!(pack = %id, bytes = need, chunks = chunks.len(), "pack written");
+            // Freed chunk buffers and B-tree pages leave holes in malloc's arenas, which stay
+            // resident; give their pages back once per pack.
+            crate::daemon::release_free_memory();
         }
         Ok((stored, written))
     })();
+    if let Some(file) = current.take() {
+        file.abandon();
+    }
     if result.is_err() {
         shared.abort.store(true, Ordering::SeqCst);
     }
+    // Only now does the packer's next send fail (`rx` drops here), so it finds the abort flag.
+    drop(rx);
     result
 }
 

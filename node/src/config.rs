@@ -114,7 +114,7 @@ impl Default for NodeConfig {
             uploads_in_flight: 2,
             idle_connection_timeout_secs: 300,
             replication_timeout_secs: 60,
-            db_cache_mib: 16,
+            db_cache_mib: 8,
             mdns: false,
             upnp: false,
             replicas: 3,

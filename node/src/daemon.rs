@@ -114,6 +114,21 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Hands the pages of free memory inside malloc's arenas back to the system (`malloc_trim`).
+/// glibc returns only the top of an arena by itself; the holes that freed buffers leave in the
+/// middle stay resident. Called once per pack written, it lowered the node's peak RSS in an
+/// initial backup of the medium dataset from 83-85 to 73-77 MiB.
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `malloc_trim` takes no pointers and only releases pages malloc holds free.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 /// Runs the daemon on its own multi-threaded runtime until SIGINT or SIGTERM (for the
 /// `obnam-node` program, which then needs no runtime of its own).
 ///

@@ -50,6 +50,55 @@ fn open_direct(
     }
 }
 
+/// One [`DIRECT_PIECE`] of a pack on its way to the disk, in a buffer aligned for direct I/O.
+/// A backup's packer fills windows and its writer writes them, so a pack is never whole in
+/// memory: a finished pack's bytes wait for the disk in windows, not in an 8 MiB buffer.
+pub struct Window {
+    buf: Vec<u8>,
+    start: usize,
+    fill: usize,
+}
+
+impl Window {
+    /// An empty window (its buffer is allocated, not touched).
+    ///
+    /// # Errors
+    /// When no aligned buffer can be had.
+    pub fn new() -> std::io::Result<Self> {
+        let mut buf = Vec::new();
+        let start = aligned(&mut buf, DIRECT_PIECE)?;
+        Ok(Self {
+            buf,
+            start,
+            fill: 0,
+        })
+    }
+
+    /// Copies as much of `data` as fits; returns how much that was.
+    pub fn push(&mut self, data: &[u8]) -> usize {
+        let take = (DIRECT_PIECE - self.fill).min(data.len());
+        let at = self.start + self.fill;
+        self.buf[at..at + take].copy_from_slice(&data[..take]);
+        self.fill += take;
+        take
+    }
+
+    /// Whether no more fits.
+    pub fn is_full(&self) -> bool {
+        self.fill == DIRECT_PIECE
+    }
+
+    /// The bytes pushed so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.fill]
+    }
+
+    /// Empties the window, to be filled again.
+    pub fn clear(&mut self) {
+        self.fill = 0;
+    }
+}
+
 /// Writes a new pack file front to back, from pieces of any size, with direct I/O where the
 /// file system allows it (see the module docs): whole aligned windows go straight to the disk,
 /// and a tail that is not a multiple of the block size is written the ordinary way.
@@ -106,6 +155,35 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Appends a whole [`Window`], straight from its buffer where direct I/O allows (no copy).
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub fn write_window(&mut self, window: &Window) -> std::io::Result<()> {
+        let data = window.bytes();
+        if self.direct && self.fill == 0 && data.len().is_multiple_of(DIRECT_ALIGN) {
+            match self.file.write_all_at(data, self.offset) {
+                Ok(()) => {
+                    self.offset += data.len() as u64;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write(data)
+    }
+
+    /// Bytes written (or taken to be written) so far.
+    pub fn len(&self) -> u64 {
+        self.offset + self.fill as u64
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Writes the filled part of the window: directly when it is a whole number of blocks;
     /// otherwise (the tail), or when the file system refuses, the ordinary way from then on.
     fn flush_window(&mut self) -> std::io::Result<()> {
@@ -146,6 +224,12 @@ impl PackWriter {
     pub fn finish(mut self) -> std::io::Result<()> {
         self.flush_window()?;
         self.file.sync_all()
+    }
+
+    /// Gives up: removes the file (a file that cannot be removed now is a leftover temporary
+    /// file, removed by the next [`Outbox::scan`]).
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -273,15 +357,47 @@ impl Outbox {
     /// # Errors
     /// [`NodeError::Io`] naming the pack.
     pub fn write(&self, id: &PackId, bytes: &[u8]) -> Result<(), NodeError> {
+        let mut w = self.begin()?;
+        let written = w.write(bytes);
+        if let Err(e) = written {
+            w.abandon();
+            return Err(NodeError::io(format!("writing pack {id}"), e));
+        }
+        self.place(w, id)
+    }
+
+    /// Starts a pack whose id is not known yet (it is the hash of what will be written): a
+    /// temporary file under `tmp/`, which [`Outbox::place`] makes durable under the pack's
+    /// name. A crash leaves the temporary file, which [`Outbox::scan`] removes.
+    ///
+    /// # Errors
+    /// [`NodeError::Io`].
+    pub fn begin(&self) -> Result<PackWriter, NodeError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = self.dir.join("tmp");
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{}-{n}.tmp", std::process::id()));
+        let ctx = || format!("creating {}", tmp.display());
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(ctx(), e))?;
+        PackWriter::create(&tmp).map_err(|e| NodeError::io(ctx(), e))
+    }
+
+    /// Syncs a pack [`Outbox::begin`] started and moves it to its place as pack `id`, durably.
+    ///
+    /// # Errors
+    /// [`NodeError::Io`] naming the pack (the temporary file is removed).
+    pub fn place(&self, w: PackWriter, id: &PackId) -> Result<(), NodeError> {
         let path = self.path(id);
         let dir = path.parent().unwrap_or(&self.dir).to_owned();
         let ctx = || format!("writing pack {id} to {}", path.display());
-        std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(ctx(), e))?;
-        let tmp = path.with_extension("tmp");
-        let mut w = PackWriter::create(&tmp).map_err(|e| NodeError::io(ctx(), e))?;
-        w.write(bytes).map_err(|e| NodeError::io(ctx(), e))?;
-        w.finish().map_err(|e| NodeError::io(ctx(), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| NodeError::io(ctx(), e))?;
+        let tmp = w.path.clone();
+        let placed = std::fs::create_dir_all(&dir)
+            .and_then(|()| w.finish())
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(NodeError::io(ctx(), e));
+        }
         sync_dir(&dir)
     }
 

@@ -7,10 +7,28 @@ use obnam_protocol::envelope::{DOMAIN_PACK_INDEX, DOMAIN_PACK_TRAILER};
 use obnam_protocol::pack::{PackIndex, PackIndexEntry, PackTrailer, TRAILER_LEN, padding_for};
 use obnam_protocol::{ChunkId, PackId};
 
-/// Sealed chunks collected into one pack.
+/// Where a [`PackBuilder`] puts a pack's bytes, front to back.
+pub trait PackOut {
+    /// Appends `bytes`.
+    ///
+    /// # Errors
+    /// When the bytes cannot be taken (a stage after this one stopped).
+    fn put(&mut self, bytes: &[u8]) -> Result<(), NodeError>;
+}
+
+impl PackOut for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), NodeError> {
+        self.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Sealed chunks collected into one pack, written to `O` as they come (a `Vec` holds the
+/// whole pack; the backup pipeline streams it to the disk in windows).
 #[derive(Default)]
-pub struct PackBuilder {
-    buf: Vec<u8>,
+pub struct PackBuilder<O: PackOut = Vec<u8>> {
+    out: O,
+    len: u64,
     index: PackIndex,
     plain: u64,
 }
@@ -26,38 +44,58 @@ pub struct FinishedPack {
 }
 
 impl PackBuilder {
-    /// An empty pack.
+    /// An empty pack, built in memory.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An empty pack built in `buf` (cleared first), so that a writer can hand its buffers
-    /// back: a fresh 8 MiB buffer per pack costs a page fault per 4 KiB on first touch.
-    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
-        buf.clear();
+    /// Seals the index, pads and appends the trailer (see [`PackBuilder::finish_into`]).
+    ///
+    /// # Errors
+    /// [`NodeError::Key`] if sealing fails.
+    pub fn finish(self, keys: &Keys) -> Result<FinishedPack, NodeError> {
+        let (bytes, _, entries) = self.finish_into(keys)?;
+        Ok(FinishedPack {
+            id: PackId::of(&bytes),
+            bytes,
+            entries,
+        })
+    }
+}
+
+impl<O: PackOut> PackBuilder<O> {
+    /// An empty pack written to `out`.
+    pub fn to(out: O) -> Self {
         Self {
-            buf,
-            ..Self::default()
+            out,
+            len: 0,
+            index: PackIndex::default(),
+            plain: 0,
         }
     }
 
     /// Appends a sealed chunk.
-    pub fn add(&mut self, id: ChunkId, sealed: &[u8], plain_len: u64) {
+    ///
+    /// # Errors
+    /// When the output refuses the bytes.
+    pub fn add(&mut self, id: ChunkId, sealed: &[u8], plain_len: u64) -> Result<(), NodeError> {
         // Packs are closed at 8 MiB of chunks, far below u32::MAX.
-        let offset = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+        let offset = u32::try_from(self.len).unwrap_or(u32::MAX);
         let len = u32::try_from(sealed.len()).unwrap_or(u32::MAX);
-        self.buf.extend_from_slice(sealed);
+        self.out.put(sealed)?;
+        self.len += sealed.len() as u64;
         self.index.entries.push(PackIndexEntry {
             chunk: id,
             offset,
             len,
         });
         self.plain += plain_len;
+        Ok(())
     }
 
     /// Bytes of sealed chunks so far.
     pub fn len(&self) -> u64 {
-        self.buf.len() as u64
+        self.len
     }
 
     /// Number of chunks so far.
@@ -70,29 +108,28 @@ impl PackBuilder {
         self.index.entries.is_empty()
     }
 
-    /// Seals the index, pads with random bytes and appends the sealed trailer.
+    /// Seals the index, pads with random bytes and appends the sealed trailer. Returns the
+    /// output, the pack's length and its chunks.
     ///
     /// # Errors
-    /// [`NodeError::Key`] if sealing fails.
-    pub fn finish(mut self, keys: &Keys) -> Result<FinishedPack, NodeError> {
+    /// [`NodeError::Key`] if sealing fails, or the output's error.
+    pub fn finish_into(mut self, keys: &Keys) -> Result<(O, u64, Vec<PackIndexEntry>), NodeError> {
         let sealed_index = seal_blob(keys, DOMAIN_PACK_INDEX, &[], &self.index.to_bytes())?;
         let trailer = PackTrailer {
-            index_offset: self.buf.len() as u64,
+            index_offset: self.len,
             index_len: sealed_index.len() as u64,
         };
-        self.buf.extend_from_slice(&sealed_index);
-        let pad = padding_for(self.buf.len() as u64 + TRAILER_LEN as u64) as usize;
-        let start = self.buf.len();
-        self.buf.resize(start + pad, 0);
-        rand::fill(&mut self.buf[start..]);
+        self.out.put(&sealed_index)?;
+        self.len += sealed_index.len() as u64;
+        let mut pad = vec![0u8; padding_for(self.len + TRAILER_LEN as u64) as usize];
+        rand::fill(&mut pad[..]);
+        self.out.put(&pad)?;
+        self.len += pad.len() as u64;
         let sealed_trailer = seal_blob(keys, DOMAIN_PACK_TRAILER, &[], &trailer.to_bytes())?;
         debug_assert_eq!(sealed_trailer.len(), TRAILER_LEN);
-        self.buf.extend_from_slice(&sealed_trailer);
-        Ok(FinishedPack {
-            id: PackId::of(&self.buf),
-            bytes: self.buf,
-            entries: self.index.entries,
-        })
+        self.out.put(&sealed_trailer)?;
+        self.len += sealed_trailer.len() as u64;
+        Ok((self.out, self.len, self.index.entries))
     }
 }
 
@@ -149,7 +186,8 @@ mod tests {
                 id,
                 &seal_chunk(&keys, &id, &data, 3).unwrap(),
                 data.len() as u64,
-            );
+            )
+            .unwrap();
             ids.push((id, data));
         }
         let pack = b.finish(&keys).unwrap();

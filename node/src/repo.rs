@@ -1080,7 +1080,8 @@ mod tests {
                 id,
                 &crate::seal::seal_chunk(&keys, &id, &data, 3).unwrap(),
                 1000,
-            );
+            )
+            .unwrap();
             let p = b.finish(&keys).unwrap();
             repo.outbox.write(&p.id, &p.bytes).unwrap();
             p
@@ -1097,7 +1098,14 @@ mod tests {
             repo.store.commit_pack(&p.id, &record, &chunks).unwrap();
         }
         repo.store.mark_sent_many(&[sent.id]).unwrap();
+        // A pack a crash left half written (its id not known yet) is removed.
+        let mut partial = repo.outbox.begin().unwrap();
+        partial.write(&[7u8; 10_000]).unwrap();
+        drop(partial);
+        let tmp = dir.path().join("outbox").join("tmp");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1);
         assert_eq!(repo.adopt_orphans(&keys).unwrap(), 1);
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
         let mut left = repo.outbox.scan().unwrap();
         left.sort_unstable();
         let mut want = vec![orphan.id, kept.id];
