@@ -362,8 +362,23 @@ pub fn today() -> Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
-/// Writes `OUT/DATE-KIND.json` and `OUT/DATE-KIND.md` (`-KIND` left out when `kind` is empty)
-/// and prints the Markdown.
+/// `stem`, or `stem-2`, `stem-3`, and so on: the first for which neither `OUT/<stem>.md` nor
+/// `OUT/<stem>.json`
+/// exists, so that a second run on the same day does not overwrite the first one's results.
+pub fn unused_stem(out: &Path, stem: &str) -> String {
+    let taken =
+        |s: &str| out.join(format!("{s}.md")).exists() || out.join(format!("{s}.json")).exists();
+    if !taken(stem) {
+        return stem.to_owned();
+    }
+    (2u32..)
+        .map(|n| format!("{stem}-{n}"))
+        .find(|s| !taken(s))
+        .unwrap_or_else(|| stem.to_owned())
+}
+
+/// Writes `OUT/DATE-KIND.json` and `OUT/DATE-KIND.md` (`-KIND` left out when `kind` is empty;
+/// `-2`, `-3`, … added when a run of the same day already wrote them) and prints the Markdown.
 ///
 /// # Errors
 /// When the files cannot be written.
@@ -373,6 +388,7 @@ pub fn write_results(out: &Path, date: &str, kind: &str, doc: &Value, md: &str) 
     } else {
         format!("{date}-{kind}")
     };
+    let stem = unused_stem(out, &stem);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
         out.join(format!("{stem}.json")),

@@ -907,6 +907,7 @@ fn run(o: Options) -> Result<()> {
     } else {
         format!("{date}-{}", o.dataset)
     };
+    let stem = obnam_simulations::bench::unused_stem(&o.out, &stem);
     let json_path = o.out.join(format!("{stem}.json"));
     let md_path = o.out.join(format!("{stem}.md"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
