@@ -602,10 +602,11 @@ async fn wait_for_replicas(
         }
         if !told {
             told = true;
+            let n = health.target.max(1);
+            let friends = if n == 1 { "friend" } else { "friends" };
             let _ = tx
                 .send(Event::Notice(format!(
-                    "waiting for {} friends to hold the snapshot",
-                    health.target.max(1)
+                    "waiting for {n} {friends} to hold the snapshot"
                 )))
                 .await;
         }
