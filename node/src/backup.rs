@@ -1,18 +1,19 @@
 //! The backup engine.
 //!
 //! ```text
-//! walker (this thread)          seal workers (N threads)        packer             writer
-//! read → FastCDC → keyed hash ─► zstd → XChaCha20-Poly1305 ──► pack builder ──► outbox file,
-//!   dedup: index + pending        bounded channel               seal index,      fsync, rename,
-//!   trees built post-order                                       pad, trailer     index commit
+//! walker (this thread)          seal workers (N threads)        packer          writer        committer
+//! read → FastCDC → keyed hash ─► zstd → XChaCha20-Poly1305 ──► pack builder ─► temp file ─► fsync, rename,
+//!   dedup: index + pending        bounded channel               seal index,     in outbox/    index commit
+//!   trees built post-order                                       pad, trailer   tmp/          (in batches)
 //! ```
 //!
 //! Every stage is a thread, never an async task, and every channel is bounded: at most
 //! `2 × workers` chunks wait for sealing, `2 × workers` sealed chunks wait for the packer, and
 //! `2 × packs_in_flight` windows of 1 MiB wait for the writer. A pack is never whole in memory:
 //! the packer streams it into windows (hashing them for the pack id), the writer writes them to
-//! a temporary file and, at the pack's end, syncs it and renames it to the id's name. Memory does
-//! not depend on the size or number of files.
+//! a temporary file and, at the pack's end, hands it to the committer, which syncs it, renames
+//! it to the id's name and indexes it (the packs waiting for it together: one index commit).
+//! Memory does not depend on the size or number of files.
 //!
 //! Write order: pack file (durable) → index commit → (after the pipeline drained) snapshot and
 //! head in one commit. A crash leaves no snapshot pointing at missing data; packs that were
@@ -286,9 +287,17 @@ pub(crate) fn with_pipeline<T>(
                 packer(keys, sealed_rx, pack_tx, shared, chunks, windows)
             })
             .map_err(spawn_failed)?;
+        // Finished packs hold no memory (a file and its index entries): enough may wait for
+        // the committer that a slow sync (the disk is shared with the uploads to friends)
+        // does not stall the stages before it.
+        let (done_tx, done_rx) = sync_channel::<Finished>(MAX_COMMIT_BATCH);
         let writer = std::thread::Builder::new()
             .name("obnam-writer".into())
-            .spawn_scoped(s, move || writer(repo, pack_rx, shared, windows))
+            .spawn_scoped(s, move || writer(repo, pack_rx, done_tx, shared, windows))
+            .map_err(spawn_failed)?;
+        let committer = std::thread::Builder::new()
+            .name("obnam-commit".into())
+            .spawn_scoped(s, move || committer(repo, done_rx, shared))
             .map_err(spawn_failed)?;
         let mut sink = Sink {
             repo,
@@ -308,13 +317,16 @@ pub(crate) fn with_pipeline<T>(
         let packed = packer
             .join()
             .unwrap_or_else(|_| Err(NodeError::Key("the packer thread panicked".into())));
-        let written = writer
+        let wrote = writer
             .join()
             .unwrap_or_else(|_| Err(NodeError::Key("the pack writer thread panicked".into())));
-        match (produced, packed, written) {
-            (_, Err(e), _) | (_, _, Err(e)) => Err(e),
-            (Err(e), _, _) => Err(e),
-            (Ok(out), Ok(()), Ok((stored, written))) => {
+        let written = committer
+            .join()
+            .unwrap_or_else(|_| Err(NodeError::Key("the pack committer thread panicked".into())));
+        match (produced, packed, wrote, written) {
+            (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => Err(e),
+            (Err(e), _, _, _) => Err(e),
+            (Ok(out), Ok(()), Ok(()), Ok((stored, written))) => {
                 let mut packs: Vec<PackId> = used.into_iter().chain(written).collect();
                 packs.sort_unstable();
                 packs.dedup();
@@ -629,20 +641,32 @@ fn packer(
     }
 }
 
-/// Writes the packer's windows to the outbox, then places each finished pack under its id
-/// (fsync, rename, directory fsync) and commits it to the index.
+/// A pack the writer wrote to a temporary file, for the committer to make durable and index.
+struct Finished {
+    file: PackWriter,
+    id: PackId,
+    len: u64,
+    entries: Vec<PackIndexEntry>,
+}
+
+/// Most packs the committer syncs and indexes together.
+const MAX_COMMIT_BATCH: usize = 8;
+
+/// Writes the packer's windows to temporary files in the outbox and hands each finished pack
+/// to the committer. It does not wait for the syncs: while the committer waits for the disk,
+/// the next pack's windows go on being written, so the stages before it do not stall once per
+/// pack for as long as the syncs take (3-4 per pack, seconds over a large backup).
 fn writer(
     repo: &Repo,
     rx: Receiver<Piece>,
+    tx: SyncSender<Finished>,
     shared: &Shared,
     windows: &Windows,
-) -> Result<(u64, Vec<PackId>), NodeError> {
+) -> Result<(), NodeError> {
     let mut current: Option<PackWriter> = None;
     let result = (|| {
         let mut used = repo.store.outbox_usage()?.bytes;
         let max = repo.config.outbox_max_bytes;
-        let mut stored = 0u64;
-        let mut written = Vec::new();
         for piece in rx.iter() {
             let (id, need, entries) = match piece {
                 Piece::Data(w) => {
@@ -669,42 +693,118 @@ fn writer(
                     "pack {id}: wrote a length other than its own"
                 )));
             }
-            repo.outbox.place(file, &id)?;
-            let record = PackRecord {
-                len: need,
-                chunks: entries.len() as u32,
-                created_ns: now_ns(),
-                in_outbox: true,
-            };
-            let chunks = obnam_protocol::pack::chunk_locations(id, &entries);
-            repo.store.commit_pack(&id, &record, &chunks)?;
-            let mut pending = shared.pending();
-            for (c, _) in &chunks {
-                pending.remove(c);
-            }
-            drop(pending);
             used += need;
-            stored += need;
-            written.push(id);
-            if let Some(remote) = repo.remote.get() {
-                remote.packs_ready.notify_one();
+            let done = Finished {
+                file,
+                id,
+                len: need,
+                entries,
+            };
+            if let Err(std::sync::mpsc::SendError(done)) = tx.send(done) {
+                // The committer stopped: it recorded its error and set the abort flag.
+                done.file.abandon();
+                return Err(aborted());
             }
-            tracing::debug!(pack = %id, bytes = need, chunks = chunks.len(), "pack written");
-            // Freed chunk buffers and B-tree pages leave holes in malloc's arenas, which stay
-            // resident; give their pages back once per pack.
-            crate::daemon::release_free_memory();
         }
-        Ok((stored, written))
+        Ok(())
     })();
     if let Some(file) = current.take() {
         file.abandon();
     }
-    if result.is_err() {
-        shared.abort.store(true, Ordering::SeqCst);
-    }
+    let result = match result {
+        Err(_) if shared.abort.load(Ordering::SeqCst) => Ok(()),
+        Err(e) => {
+            shared.abort.store(true, Ordering::SeqCst);
+            Err(e)
+        }
+        Ok(()) => Ok(()),
+    };
     // Only now does the packer's next send fail (`rx` drops here), so it finds the abort flag.
     drop(rx);
     result
+}
+
+/// Makes the writer's packs durable (fsync, rename, directory fsync) and commits them to the
+/// index, in order; the packs that are waiting when it is free go together (one directory
+/// sync per directory and one index commit for all). Returns the sealed bytes and the packs.
+fn committer(
+    repo: &Repo,
+    rx: Receiver<Finished>,
+    shared: &Shared,
+) -> Result<(u64, Vec<PackId>), NodeError> {
+    let mut stored = 0u64;
+    let mut written = Vec::new();
+    let mut result = Ok(());
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMIT_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = commit_batch(repo, shared, batch, &mut stored, &mut written) {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_err() {
+        shared.abort.store(true, Ordering::SeqCst);
+        // What the writer already handed over is not placed: the next start would remove it.
+        for f in rx.try_iter() {
+            f.file.abandon();
+        }
+    }
+    // The writer's next send fails once `rx` drops here, so it finds the abort flag.
+    drop(rx);
+    result.map(|()| (stored, written))
+}
+
+fn commit_batch(
+    repo: &Repo,
+    shared: &Shared,
+    batch: Vec<Finished>,
+    stored: &mut u64,
+    written: &mut Vec<PackId>,
+) -> Result<(), NodeError> {
+    let started = Instant::now();
+    let mut files = Vec::with_capacity(batch.len());
+    let mut rows = Vec::with_capacity(batch.len());
+    for f in batch {
+        let record = PackRecord {
+            len: f.len,
+            chunks: f.entries.len() as u32,
+            created_ns: now_ns(),
+            in_outbox: true,
+        };
+        let chunks = obnam_protocol::pack::chunk_locations(f.id, &f.entries);
+        files.push((f.file, f.id));
+        rows.push((f.id, record, chunks));
+    }
+    repo.outbox.place_all(files)?;
+    repo.store
+        .commit_packs(rows.iter().map(|(id, r, c)| (id, r, c.as_slice())))?;
+    let mut pending = shared.pending();
+    for (_, _, chunks) in &rows {
+        for (c, _) in chunks {
+            pending.remove(c);
+        }
+    }
+    drop(pending);
+    let rows_len = rows.len();
+    for (id, record, chunks) in rows {
+        *stored += record.len;
+        written.push(id);
+        tracing::debug!(pack = %id, bytes = record.len, chunks = chunks.len(), "pack written");
+    }
+    tracing::debug!(packs = rows_len, took = ?started.elapsed(), "packs committed");
+    if let Some(remote) = repo.remote.get() {
+        remote.packs_ready.notify_one();
+    }
+    // Freed chunk buffers and B-tree pages leave holes in malloc's arenas, which stay
+    // resident; give their pages back once per batch.
+    crate::daemon::release_free_memory();
+    Ok(())
 }
 
 /// A directory's file-cache record as found, and as this backup rebuilds it.

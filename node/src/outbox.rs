@@ -387,18 +387,41 @@ impl Outbox {
     /// # Errors
     /// [`NodeError::Io`] naming the pack (the temporary file is removed).
     pub fn place(&self, w: PackWriter, id: &PackId) -> Result<(), NodeError> {
-        let path = self.path(id);
-        let dir = path.parent().unwrap_or(&self.dir).to_owned();
-        let ctx = || format!("writing pack {id} to {}", path.display());
-        let tmp = w.path.clone();
-        let placed = std::fs::create_dir_all(&dir)
-            .and_then(|()| w.finish())
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(NodeError::io(ctx(), e));
+        self.place_all(vec![(w, *id)])
+    }
+
+    /// [`Outbox::place`] for several packs: each is synced and renamed, then each directory
+    /// they went to is synced once (not once per pack).
+    ///
+    /// # Errors
+    /// [`NodeError::Io`] naming the first pack that failed; the temporary files of it and of
+    /// the packs after it are removed (those before it are in place).
+    pub fn place_all(&self, packs: Vec<(PackWriter, PackId)>) -> Result<(), NodeError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut packs = packs.into_iter();
+        while let Some((w, id)) = packs.next() {
+            let path = self.path(&id);
+            let dir = path.parent().unwrap_or(&self.dir).to_owned();
+            let tmp = w.path.clone();
+            let placed = std::fs::create_dir_all(&dir)
+                .and_then(|()| w.finish())
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = placed {
+                let _ = std::fs::remove_file(&tmp);
+                for (rest, _) in packs {
+                    rest.abandon();
+                }
+                return Err(NodeError::io(
+                    format!("writing pack {id} to {}", path.display()),
+                    e,
+                ));
+            }
+            dirs.insert(dir);
         }
-        sync_dir(&dir)
+        for dir in dirs {
+            sync_dir(&dir)?;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of a pack.
@@ -544,6 +567,56 @@ mod tests {
         if Path::new("/dev/shm").is_dir() {
             writer_round_trip(Path::new("/dev/shm"));
         }
+    }
+
+    #[test]
+    fn packs_placed_together_are_each_in_place_and_the_temporary_files_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
+        let mut packs = Vec::new();
+        let mut placed = Vec::new();
+        for len in [65536, 3 * DIRECT_PIECE + 100, 1] {
+            let mut bytes = vec![0u8; len];
+            rand::fill(&mut bytes[..]);
+            let id = PackId::of(&bytes);
+            let mut w = outbox.begin().unwrap();
+            w.write(&bytes).unwrap();
+            packs.push((w, id));
+            placed.push((id, bytes));
+        }
+        outbox.place_all(packs).unwrap();
+        for (id, bytes) in &placed {
+            assert_eq!(&outbox.read(id).unwrap(), bytes);
+        }
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("outbox/tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "left in tmp/: {tmp:?}");
+        // A pack that cannot be placed (its directory's name is taken by a file) fails with
+        // its id named, and neither it nor the packs after it are left behind.
+        let mut bytes = vec![0u8; 4096];
+        let bad = loop {
+            rand::fill(&mut bytes[..]);
+            let id = PackId::of(&bytes);
+            if !outbox.path(&id).parent().unwrap().exists() {
+                break id;
+            }
+        };
+        let blocker = outbox.path(&bad).parent().unwrap().to_owned();
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let mut w = outbox.begin().unwrap();
+        w.write(&bytes).unwrap();
+        let mut after = outbox.begin().unwrap();
+        after.write(b"more").unwrap();
+        let err = outbox
+            .place_all(vec![(w, bad), (after, PackId([9; 32]))])
+            .unwrap_err();
+        assert!(err.to_string().contains(&bad.to_string()), "{err}");
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("outbox/tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "left in tmp/: {tmp:?}");
+        assert!(!outbox.path(&PackId([9; 32])).exists());
     }
 
     #[test]

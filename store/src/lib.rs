@@ -243,14 +243,28 @@ impl Store {
         record: &PackRecord,
         chunks: &[(ChunkId, ChunkLoc)],
     ) -> Result<(), StoreError> {
+        self.commit_packs(std::iter::once((id, record, chunks)))
+    }
+
+    /// Records several packs and their chunks in one transaction (one commit, so one sync for
+    /// all of them), as [`Store::commit_pack`] does for one.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn commit_packs<'a>(
+        &self,
+        packs: impl IntoIterator<Item = (&'a PackId, &'a PackRecord, &'a [(ChunkId, ChunkLoc)])>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut packs = tx.open_table(self.own.packs)?;
-            packs.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+            let mut table = tx.open_table(self.own.packs)?;
             let mut index = tx.open_table(self.own.index)?;
-            for (chunk, loc) in chunks {
-                if index.get(chunk.as_bytes())?.is_none() {
-                    index.insert(chunk.as_bytes(), &loc.to_bytes())?;
+            for (id, record, chunks) in packs {
+                table.insert(id.as_bytes(), record.to_bytes().as_slice())?;
+                for (chunk, loc) in chunks {
+                    if index.get(chunk.as_bytes())?.is_none() {
+                        index.insert(chunk.as_bytes(), &loc.to_bytes())?;
+                    }
                 }
             }
         }
@@ -662,7 +676,27 @@ mod tests {
                 bytes: 131072
             }
         );
-        assert_eq!(store.pack(&PackId([2; 32]))?, Some(rec));
+        assert_eq!(store.pack(&PackId([2; 32]))?, Some(rec.clone()));
+        // Several packs in one commit: the same rules, within the batch too.
+        let (a, b) = (
+            [
+                (ChunkId([10; 32]), loc(3, 0)),
+                (ChunkId([7; 32]), loc(3, 10)),
+            ],
+            [
+                (ChunkId([10; 32]), loc(4, 0)),
+                (ChunkId([11; 32]), loc(4, 10)),
+            ],
+        );
+        store.commit_packs([
+            (&PackId([3; 32]), &rec, &a[..]),
+            (&PackId([4; 32]), &rec, &b[..]),
+        ])?;
+        assert_eq!(store.chunk(&ChunkId([7; 32]))?, Some(loc(1, 0)));
+        assert_eq!(store.chunk(&ChunkId([10; 32]))?, Some(loc(3, 0)));
+        assert_eq!(store.chunk(&ChunkId([11; 32]))?, Some(loc(4, 10)));
+        assert_eq!(store.chunk_count()?, 4);
+        assert_eq!(store.outbox_usage()?.packs, 4);
         Ok(())
     }
 
