@@ -598,6 +598,13 @@ async fn wait_for_replicas(
         }
         if health.target > 0 && health.holders >= health.target {
             report.pending.clear();
+            // The round that sent the last pack evicts only once every friend's sync is over;
+            // do it now, so that `obnam status` after the backup shows what is really waiting.
+            let r = Arc::clone(&daemon.replicator);
+            // The snapshot is safe whatever happens here: the next round evicts again.
+            if let Err(e) = blocking(move || r.evict_replicated()).await {
+                tracing::warn!(error = %e.full_message(), "clearing the outbox after a backup");
+            }
             break;
         }
         if !told {

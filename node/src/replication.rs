@@ -1019,6 +1019,18 @@ impl Replicator {
         Ok(())
     }
 
+    /// Removes from the outbox the packs that `replicas` members of the current replica set
+    /// hold. A backup calls it once its snapshot is replicated, so that the outbox is empty
+    /// when the backup returns rather than at the end of the replication round.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn evict_replicated(&self) -> Result<(), NodeError> {
+        let friends = self.repo.store.friends()?;
+        let set = self.replica_set(&friends)?;
+        self.evict(&set)
+    }
+
     /// Removes from the outbox the packs that `replicas` members of the replica set hold (a
     /// friend that left the set, being lost or having removed us, does not count).
     fn evict(&self, friends: &[Friend]) -> Result<(), NodeError> {
