@@ -11,6 +11,9 @@
 //! 4. Replication: a node that holds those packs in its outbox gains a friend; the time until
 //!    the outbox is empty gives the replication rate, compared with the stream's (≥ 80%).
 //!
+//! 5. A diagnostic, not a target: 3 and 4 again with the nodes' data directories in memory
+//!    (`/dev/shm`), which shows what the disk costs them.
+//!
 //! Every measurement runs once per round (`--rounds`, 3 by default); the figures are medians.
 //!
 //! `primitives [--mib N] [--rounds N] [--work DIR] [--out DIR]`
@@ -159,12 +162,20 @@ fn outbox_bytes(node: &Node) -> Result<u64> {
 }
 
 /// The pipeline rate (no friend) and the replication rate, MB/s, and the bytes replicated.
-fn pipeline_and_replication(work: &Path, data: &[u8]) -> Result<(f64, f64, f64, u64)> {
+/// The source file is in `work`; the nodes' data directories are in `nodes` (the work
+/// directory, or a memory file system for the diagnostic without the disk).
+fn pipeline_and_replication(
+    work: &Path,
+    nodes: &Path,
+    data: &[u8],
+) -> Result<(f64, f64, f64, u64)> {
     let bins = Bins::beside_current_exe()?;
-    let dir = work.join("primitives");
+    let src = work.join("primitives-src");
+    let dir = nodes.join("primitives");
+    let _ = std::fs::remove_dir_all(&src);
     let _ = std::fs::remove_dir_all(&dir);
-    let src = dir.join("src");
     std::fs::create_dir_all(&src)?;
+    std::fs::create_dir_all(&dir)?;
     std::fs::write(src.join("random.bin"), data)?;
     let src_arg = src
         .to_str()
@@ -188,6 +199,7 @@ fn pipeline_and_replication(work: &Path, data: &[u8]) -> Result<(f64, f64, f64, 
         NodeConfig::default().uploads_in_flight,
     )?;
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&src);
     Ok((pipeline, replication, one_lane, replicated))
 }
 
@@ -235,6 +247,17 @@ struct Round {
     replication: f64,
     one_lane: f64,
     replicated: u64,
+    /// The pipeline and replication rates with every node's data directory in memory
+    /// (`/dev/shm`): a diagnostic of what the disk costs, not a target.
+    in_memory: Option<(f64, f64)>,
+}
+
+/// A directory on a memory file system for the nodes of the diagnostic run, if there is one.
+fn memory_dir() -> Option<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("obnam-primitives-")
+        .tempdir_in("/dev/shm")
+        .ok()
 }
 
 fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
@@ -249,7 +272,16 @@ fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
     eprintln!("libp2p stream over loopback…");
     let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
     eprintln!("obnam: backup with no friend, then replication to one…");
-    let (pipeline, replication, one_lane, replicated) = pipeline_and_replication(&o.work, data)?;
+    let (pipeline, replication, one_lane, replicated) =
+        pipeline_and_replication(&o.work, &o.work, data)?;
+    let in_memory = match memory_dir() {
+        Some(mem) => {
+            eprintln!("the same with the nodes' data in memory (/dev/shm)…");
+            let (p, r, _, _) = pipeline_and_replication(&o.work, mem.path(), data)?;
+            Some((p, r))
+        }
+        None => None,
+    };
     Ok(Round {
         stages,
         limit: cores as f64 / inverse,
@@ -259,6 +291,7 @@ fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
         replication,
         one_lane,
         replicated,
+        in_memory,
     })
 }
 
@@ -295,6 +328,19 @@ fn run(o: Options) -> Result<()> {
     let replication_share = med(&|r| r.replication / r.stream);
     let one_lane_share = med(&|r| r.one_lane / r.stream);
     let replicated = rounds.iter().map(|r| r.replicated).max().unwrap_or(0);
+    // The diagnostic without the disk, where every round had a memory file system.
+    let in_memory = if rounds.iter().all(|r| r.in_memory.is_some()) {
+        let m =
+            |f: &dyn Fn(&Round, (f64, f64)) -> f64| med(&|r| r.in_memory.map_or(0.0, |x| f(r, x)));
+        Some((
+            m(&|_, x| x.0),
+            m(&|r, x| x.0 / r.limit),
+            m(&|_, x| x.1),
+            m(&|r, x| x.1 / r.stream),
+        ))
+    } else {
+        None
+    };
     let per_round: Vec<Value> = rounds
         .iter()
         .map(|r| {
@@ -304,6 +350,9 @@ fn run(o: Options) -> Result<()> {
                 "replication_mb_s": r.replication, "replication_one_lane_mb_s": r.one_lane,
                 "pipeline_share": r.pipeline / r.limit,
                 "replication_share": r.replication / r.stream,
+                "in_memory": r.in_memory.map(|(p, rep)| json!({
+                    "pipeline_mb_s": p, "replication_mb_s": rep,
+                })),
             })
         })
         .collect();
@@ -335,6 +384,10 @@ fn run(o: Options) -> Result<()> {
         "uploads_in_flight": NodeConfig::default().uploads_in_flight,
         "replicated_bytes": replicated,
         "per_round": per_round,
+        "in_memory": in_memory.map(|(p, ps, r, rs)| json!({
+            "pipeline_mb_s": p, "pipeline_share": ps,
+            "replication_mb_s": r, "replication_share": rs,
+        })),
         "targets": {"pipeline_share": 0.7, "replication_share": 0.8},
     });
     let f = |k: &str| stages[k].as_f64().unwrap_or(0.0);
@@ -366,6 +419,16 @@ fn run(o: Options) -> Result<()> {
         mib = o.mib,
         lanes = NodeConfig::default().uploads_in_flight,
     );
+    let md = match in_memory {
+        Some((p, ps, r, rs)) => format!(
+            "{md}\nDiagnostic, not a target: the same backup and replication with every node's \
+             data directory in memory (`/dev/shm`), the disk taken out: backup {p:.0} MB/s \
+             ({:.0}% of the limit), replication {r:.0} MB/s ({:.0}% of the stream).\n",
+            100.0 * ps,
+            100.0 * rs
+        ),
+        None => md,
+    };
     obnam_simulations::bench::write_results(&o.out, &date, "primitives", &doc, &md)?;
     Ok(())
 }
