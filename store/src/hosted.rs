@@ -535,10 +535,18 @@ impl Store {
     /// friend's `used_by_us` grows by `len`, in one commit (an upload's bookkeeping used to take
     /// two, each an fsync).
     ///
+    /// The commit is not synced (`Durability::None`): the next durable commit of this database
+    /// (eviction's, a backup's index commit, any other write) makes it durable with it, and
+    /// nothing irreversible depends on it before that (eviction commits durably before it removes
+    /// a file). A crash in between forgets that the friend holds the pack; the next round sends
+    /// it again and the friend answers that it has it. One fsync per pack and friend was on
+    /// every upload lane's path, on a disk the friend may share.
+    ///
     /// # Errors
     /// [`StoreError::Db`] or [`StoreError::Corrupt`].
     pub fn confirm_upload(&self, pack: &PackId, peer: &[u8], len: u64) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::None)?;
         tx.open_multimap_table(PLACEMENT)?
             .insert(pack.as_bytes(), peer)?;
         tx.open_multimap_table(SUSPECT)?
@@ -959,6 +967,11 @@ mod tests {
         assert_eq!(s.peer_state(&[1])?.used_by_us, 1500);
         assert_eq!(s.peer_state(&[1])?.head_seq, 4);
         assert!(s.remove_friend(&[7])?);
+        // The uploads' unsynced commits became durable with the durable commit after them.
+        drop(s);
+        let s = Store::open(&dir.path().join("s.redb"), &crate::StoreOptions::default())?;
+        assert_eq!(s.holders(&PackId([7; 32]))?, vec![vec![1]]);
+        assert_eq!(s.peer_state(&[1])?.used_by_us, 1500);
         Ok(())
     }
 }

@@ -5,6 +5,8 @@
 //!    the node's own code where it has it: FastCDC (obnam's chunker), keyed BLAKE3 (the chunk
 //!    id), zstd at the configured level, XChaCha20-Poly1305 (the node's cipher). Also a disk
 //!    write with fsync, and one libp2p stream over loopback with the node's transport settings.
+//!    And the disk when it is shared: its write while every core hashes, and a cold read and a
+//!    write at once; they bound what 3 and 4 can reach on this disk.
 //! 2. The limit: cores ÷ Σ(1/throughput) over chunking, hashing, compression and sealing.
 //! 3. The pipeline: a real `obnam-node` with no friends (`replicas = 0`, so packs stay in the
 //!    outbox) backs up one file of random bytes; its rate is compared with the limit (≥ 70%).
@@ -137,22 +139,101 @@ fn cpu_stages(data: &[u8], level: i32) -> Result<Value> {
     }))
 }
 
+/// Writes `data` to a new file at `path` in 8 MiB writes, then fsyncs it.
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("creating the disk test file {}", path.display()))?;
+    for b in data.chunks(8 << 20) {
+        f.write_all(b)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
 /// Disk write with fsync, MB/s: `mib` MiB in 8 MiB writes, then fsync.
 fn disk(dir: &Path, data: &[u8]) -> Result<f64> {
     let path = dir.join("primitives-disk.bin");
     let mut runs = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let mut f = std::fs::File::create(&path).context("creating the disk test file")?;
-        for b in data.chunks(8 << 20) {
-            f.write_all(b)?;
-        }
-        f.sync_all()?;
+        write_synced(&path, data)?;
         runs.push(data.len() as f64 / MB / t.elapsed().as_secs_f64());
-        drop(f);
         std::fs::remove_file(&path)?;
     }
     median(&runs).ok_or_else(|| anyhow!("no disk figure"))
+}
+
+/// The disk when it is shared, MB/s, each once:
+/// - the write with fsync while every core computes keyed BLAKE3: the pipeline's case, whose
+///   CPU stages run on the cores that the disk's writes also need;
+/// - a cold read and a write with fsync of as many bytes, at once (the rate counts the time
+///   until both end): replication's case when both nodes use this disk, the owner reading each
+///   pack back from its outbox and the friend writing it.
+fn disk_shared(dir: &Path, data: &[u8], cores: usize) -> Result<(f64, f64)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let target = dir.join("primitives-disk.bin");
+    let stop = AtomicBool::new(false);
+    let keys = Keys::derive(&MasterSecret::generate());
+    let busy = std::thread::scope(|s| {
+        for _ in 0..cores {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for b in data.chunks(BLOCK) {
+                        std::hint::black_box(keys.chunk_id(b));
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        let t = Instant::now();
+        let written = write_synced(&target, data);
+        let secs = t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        written.map(|()| data.len() as f64 / MB / secs)
+    })?;
+    std::fs::remove_file(&target)?;
+
+    // A file of the same size, on the disk and out of the page cache.
+    let cold = dir.join("primitives-cold.bin");
+    write_synced(&cold, data)?;
+    let f = std::fs::File::open(&cold)?;
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .context("dropping the test file from the page cache")?;
+    let t = Instant::now();
+    let (read, written) = std::thread::scope(|s| {
+        let reader = s.spawn(move || -> std::io::Result<u64> {
+            let mut f = f;
+            let mut buf = vec![0u8; BLOCK];
+            let mut n = 0u64;
+            loop {
+                match std::io::Read::read(&mut f, &mut buf)? {
+                    0 => return Ok(n),
+                    k => n += k as u64,
+                }
+            }
+        });
+        let written = write_synced(&target, data);
+        let read = reader
+            .join()
+            .map_err(|_| anyhow!("the disk reader panicked"))
+            .and_then(|r| r.context("reading the cold test file"));
+        (read, written)
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&cold);
+    let _ = std::fs::remove_file(&target);
+    if read? != data.len() as u64 {
+        bail!("the cold test file was short");
+    }
+    written?;
+    Ok((busy, data.len() as f64 / MB / secs))
 }
 
 fn outbox_bytes(node: &Node) -> Result<u64> {
@@ -161,14 +242,16 @@ fn outbox_bytes(node: &Node) -> Result<u64> {
         .ok_or_else(|| anyhow!("no outbox_bytes in status"))
 }
 
-/// The pipeline rate (no friend) and the replication rate, MB/s, and the bytes replicated.
-/// The source file is in `work`; the nodes' data directories are in `nodes` (the work
-/// directory, or a memory file system for the diagnostic without the disk).
+/// The pipeline rate (no friend) and the replication rate, MB/s, the replication rate with one
+/// lane (if `one_lane`), and the bytes replicated. The source file is in `work`; the nodes'
+/// data directories are in `nodes` (the work directory, or a memory file system for the
+/// diagnostic without the disk).
 fn pipeline_and_replication(
     work: &Path,
     nodes: &Path,
     data: &[u8],
-) -> Result<(f64, f64, f64, u64)> {
+    one_lane: bool,
+) -> Result<(f64, f64, Option<f64>, u64)> {
     let bins = Bins::beside_current_exe()?;
     let src = work.join("primitives-src");
     let dir = nodes.join("primitives");
@@ -191,7 +274,11 @@ fn pipeline_and_replication(
     lone.stop();
 
     // Replication: one lane (one pack at a time per friend), then the default lanes.
-    let (one_lane, _) = replication(&bins, &dir, src_arg, 1)?;
+    let one_lane = if one_lane {
+        Some(replication(&bins, &dir, src_arg, 1)?.0)
+    } else {
+        None
+    };
     let (replication, replicated) = replication(
         &bins,
         &dir,
@@ -242,6 +329,9 @@ struct Round {
     stages: Value,
     limit: f64,
     disk: f64,
+    /// [`disk_shared`]: the write while every core hashes, and a read and a write at once.
+    disk_busy: f64,
+    disk_read_write: f64,
     stream: f64,
     pipeline: f64,
     replication: f64,
@@ -269,15 +359,18 @@ fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
         .sum();
     eprintln!("disk write with fsync…");
     let disk = disk(&o.work, data)?;
+    eprintln!("disk write while every core hashes; disk read and write at once…");
+    let (disk_busy, disk_read_write) = disk_shared(&o.work, data, cores)?;
     eprintln!("libp2p stream over loopback…");
     let stream = obnam_node::testing::stream_throughput((o.mib as u64) << 20)? / MB;
     eprintln!("obnam: backup with no friend, then replication to one…");
     let (pipeline, replication, one_lane, replicated) =
-        pipeline_and_replication(&o.work, &o.work, data)?;
+        pipeline_and_replication(&o.work, &o.work, data, true)?;
+    let one_lane = one_lane.unwrap_or(0.0);
     let in_memory = match memory_dir() {
         Some(mem) => {
             eprintln!("the same with the nodes' data in memory (/dev/shm)…");
-            let (p, r, _, _) = pipeline_and_replication(&o.work, mem.path(), data)?;
+            let (p, r, _, _) = pipeline_and_replication(&o.work, mem.path(), data, false)?;
             Some((p, r))
         }
         None => None,
@@ -286,6 +379,8 @@ fn round(o: &Options, data: &[u8], cores: usize, level: i32) -> Result<Round> {
         stages,
         limit: cores as f64 / inverse,
         disk,
+        disk_busy,
+        disk_read_write,
         stream,
         pipeline,
         replication,
@@ -319,6 +414,11 @@ fn run(o: Options) -> Result<()> {
         "sealing": med(&stage("sealing")),
     });
     let (limit, disk_rate, stream) = (med(&|r| r.limit), med(&|r| r.disk), med(&|r| r.stream));
+    let (disk_busy, disk_rw) = (med(&|r| r.disk_busy), med(&|r| r.disk_read_write));
+    // What the disk alone allows each target, as a share of what the target is measured
+    // against, from the same round's figures.
+    let busy_share = med(&|r| r.disk_busy / r.limit);
+    let rw_share = med(&|r| r.disk_read_write / r.stream);
     let (pipeline, replication, one_lane) = (
         med(&|r| r.pipeline),
         med(&|r| r.replication),
@@ -346,6 +446,8 @@ fn run(o: Options) -> Result<()> {
         .map(|r| {
             json!({
                 "single_core_mb_s": r.stages, "limit_mb_s": r.limit, "disk_fsync_mb_s": r.disk,
+                "disk_fsync_cores_busy_mb_s": r.disk_busy,
+                "disk_read_and_write_mb_s": r.disk_read_write,
                 "libp2p_stream_mb_s": r.stream, "pipeline_mb_s": r.pipeline,
                 "replication_mb_s": r.replication, "replication_one_lane_mb_s": r.one_lane,
                 "pipeline_share": r.pipeline / r.limit,
@@ -374,6 +476,9 @@ fn run(o: Options) -> Result<()> {
         "zstd_level": level,
         "single_core_mb_s": stages,
         "disk_fsync_mb_s": disk_rate,
+        "disk_fsync_cores_busy_mb_s": disk_busy,
+        "disk_read_and_write_mb_s": disk_rw,
+        "disk_bound_shares": {"pipeline": busy_share, "replication": rw_share},
         "libp2p_stream_mb_s": stream,
         "limit_mb_s": limit,
         "pipeline_mb_s": pipeline,
@@ -400,6 +505,8 @@ fn run(o: Options) -> Result<()> {
          | XChaCha20-Poly1305 seal, one core | {:.0} |\n\
          | **limit**: {cores} cores ÷ Σ(1/throughput) | **{limit:.0}** |\n\
          | disk write with fsync | {disk_rate:.0} |\n\
+         | disk write with fsync while every core computes BLAKE3 | {disk_busy:.0} |\n\
+         | disk: a cold read and a write with fsync of as many bytes, at once | {disk_rw:.0} |\n\
          | libp2p stream over loopback (TCP, Noise, Yamux) | {stream:.0} |\n\n\
          | target | measured | share | needed |\n|---|---|---|---|\n\
          | backup with no friend (packs to the outbox) | {pipeline:.0} MB/s | {:.0}% of the limit (rounds: {pipeline_rounds}) | ≥ 70% |\n\
@@ -407,7 +514,11 @@ fn run(o: Options) -> Result<()> {
          Medians of {rounds} rounds; each share is the median of the rounds' shares, each round's \
          figures taken within the same minute. \
          Replication with one upload at a time per friend (`uploads_in_flight = 1`), same rounds: \
-         {one_lane:.0} MB/s ({:.0}% of the stream); the default is {lanes}.\n",
+         {one_lane:.0} MB/s ({:.0}% of the stream); the default is {lanes}.\n\n\
+         What the disk allows, from the same rounds: the pipeline writes every byte it seals while \
+         its stages keep the cores busy, so on this disk it cannot pass {disk_busy:.0} MB/s \
+         ({:.0}% of the limit); replication between two nodes on this disk reads every byte back \
+         and writes it at the friend, so it cannot pass {disk_rw:.0} MB/s ({:.0}% of the stream).\n",
         f("chunking"),
         f("hashing"),
         f("compression"),
@@ -415,6 +526,8 @@ fn run(o: Options) -> Result<()> {
         100.0 * pipeline_share,
         100.0 * replication_share,
         100.0 * one_lane_share,
+        100.0 * busy_share,
+        100.0 * rw_share,
         rounds = o.rounds,
         mib = o.mib,
         lanes = NodeConfig::default().uploads_in_flight,
