@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Every stage is a thread, never an async task, and every channel is bounded: chunks travel in
-//! batches (of at most 128 KiB and one chunk, or 64 chunks), at most `2 × workers` batches wait
+//! batches (of at most 128 KiB and one chunk, or 16 chunks), at most `2 × workers` batches wait
 //! for sealing, `2 × workers` sealed batches wait for the packer, and `2 × packs_in_flight`
 //! windows of 1 MiB wait for the writer. A pack is never whole in memory:
 //! the packer streams it into windows (hashing them for the pack id), the writer writes them to
